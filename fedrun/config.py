@@ -1,0 +1,385 @@
+"""Typed run configuration: a tree of small dataclasses, named presets, overrides, JSON.
+
+Every field is validated in ``__post_init__`` so a bad value fails before any process starts,
+with one line naming the field and what is allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("full", "usplit", "ulatdec", "udec")
+PARTITIONS = ("iid", "label-skew", "quantity-skew")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder")
+ARCHS = ("paper-unet", "ddpm-unet")
+LOSSES = ("huber", "l2")
+DTYPES = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming field and allowed values."""
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, value, "allowed: " + ", ".join(choices))
+
+
+def default_data_root() -> str:
+    """``$FEDRUN_DATA`` if set, else ``~/.cache/fedrun/data``."""
+    return os.environ.get("FEDRUN_DATA") or str(Path.home() / ".cache" / "fedrun" / "data")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "paper-unet"
+    """Backbone: 'paper-unet' (the FedDiffuse ConvNeXt UNet) or 'ddpm-unet' (Ho et al. 2020)."""
+    dim_mults: tuple[int, ...] | None = None
+    """Channel multipliers per level; None = the architecture's default ((1,2,4) paper, (1,2,2,2) ddpm)."""
+    dropout: float = 0.1
+    """Dropout in the ResNet blocks of 'ddpm-unet' (ignored by 'paper-unet')."""
+
+    def __post_init__(self) -> None:
+        _choice("model.arch", self.arch, ARCHS)
+        if self.dim_mults is not None:
+            self.dim_mults = tuple(int(m) for m in self.dim_mults)
+            _check(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
+                   "model.dim_mults", self.dim_mults, "a non-empty list of positive integers")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "allowed: 0 <= dropout < 1")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    """Number of diffusion steps T."""
+    beta_start: float = 1e-4
+    """First beta of the linear schedule."""
+    beta_end: float = 0.02
+    """Last beta of the linear schedule."""
+    loss: str = "huber"
+    """Training loss on the predicted noise: 'huber' (the paper's code) or 'l2' (Ho et al.)."""
+
+    def __post_init__(self) -> None:
+        _check(self.timesteps >= 1, "diffusion.timesteps", self.timesteps, "allowed: an integer >= 1")
+        _check(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
+               (self.beta_start, self.beta_end), "allowed: 0 < beta_start < beta_end < 1")
+        _choice("diffusion.loss", self.loss, LOSSES)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    """Dataset: fashion-mnist, mnist, cifar10, celeba or imagefolder (see client_data)."""
+    root: str = field(default_factory=default_data_root)
+    """Where torchvision datasets live ($FEDRUN_DATA, else ~/.cache/fedrun/data)."""
+    download: bool = False
+    """Download a missing torchvision dataset (needs internet)."""
+    client_data: str | None = None
+    """Real deployments: a path template with '{client}', each client reads only its own image folder."""
+    image_size: int | None = None
+    """Resize images to this size; None = the dataset's native size (28, 32, 64 for celeba)."""
+    partition: str = "iid"
+    """Simulation split of one dataset over clients: iid, label-skew or quantity-skew."""
+    beta: float = 0.5
+    """Dirichlet concentration of the skewed partitions (the paper: 0.5)."""
+    min_per_client: int = 10
+    """Skewed partitions are redrawn until every client has at least this many examples."""
+    subset: int | None = None
+    """Use only the first N training examples (quick runs); None = all."""
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.partition", self.partition, PARTITIONS)
+        _check(self.beta > 0, "data.beta", self.beta, "allowed: beta > 0")
+        _check(self.min_per_client >= 1, "data.min_per_client", self.min_per_client, "allowed: >= 1")
+        _check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
+               "allowed: a positive integer or none")
+        _check(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size,
+               "allowed: an integer >= 8 or none")
+        if self.dataset == "imagefolder":
+            _check(bool(self.client_data) and "{client}" in self.client_data, "data.client_data",
+                   self.client_data, "imagefolder needs a path template containing '{client}'")
+        elif self.client_data is not None:
+            _check("{client}" in self.client_data, "data.client_data", self.client_data,
+                   "a path template containing '{client}'")
+
+
+@dataclass
+class FederationConfig:
+    clients: int = 2
+    """Number of federated clients K (>= number of ranks; a rank hosts several in turn)."""
+    method: str = "full"
+    """What is averaged each round: full, usplit, ulatdec or udec."""
+    rounds: int = 15
+    """Communication rounds R."""
+    local_epochs: float = 5
+    """Local epochs E per round (fractions allowed for quick runs)."""
+    max_local_steps: int | None = None
+    """Cap on local optimiser steps per client per round; None = no cap."""
+    usplit_train: str = "all"
+    """USplit: train 'all' parameters (the paper's code) or only the 'assigned' part."""
+    exchange_dtype: str = "fp32"
+    """Dtype of what is exchanged: fp32, or bf16 (half the bytes)."""
+    seed: int = 2023
+    """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
+
+    def __post_init__(self) -> None:
+        _check(self.clients >= 1, "federation.clients", self.clients, "allowed: an integer >= 1")
+        _choice("federation.method", self.method, METHODS)
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, "allowed: an integer >= 1")
+        _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
+        _check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",
+               self.max_local_steps, "allowed: a positive integer or none")
+        _choice("federation.usplit_train", self.usplit_train, ("all", "assigned"))
+        _choice("federation.exchange_dtype", self.exchange_dtype, DTYPES)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Adam learning rate (the paper: 1e-4)."""
+    batch_size: int = 128
+    """Per-client batch size (the paper: 128)."""
+    keep_state: bool = False
+    """Keep each client's Adam state across rounds (the paper's code builds a fresh Adam every round)."""
+    ema_decay: float | None = None
+    """EMA decay of each client's weights, e.g. 0.999; None = no EMA."""
+    amp: str = "auto"
+    """Mixed precision of the local step: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    compile: bool = False
+    """torch.compile the model for the local step."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", self.lr, "allowed: > 0")
+        _check(self.batch_size >= 1, "optim.batch_size", self.batch_size, "allowed: an integer >= 1")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "optim.ema_decay", self.ema_decay,
+               "allowed: 0 < decay < 1 or none")
+        _choice("optim.amp", self.amp, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out_dir: str = "runs"
+    """Parent folder of run directories."""
+    name: str | None = None
+    """Run directory name under out_dir; None = derived from preset, method, K and seed."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N rounds (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many checkpoints to keep."""
+    sample_every: int = 0
+    """Log a sample grid to TensorBoard every N rounds; 0 = only at the end."""
+    num_samples: int = 16
+    """Images in a sample grid."""
+    sample_steps: int | None = None
+    """Sampler steps for grids: None = full ancestral DDPM, else DDIM with this many steps."""
+    fid_every: int = 0
+    """Score FID every N rounds during training (0 = never; use `fedrun eval` afterwards)."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
+    dist_timeout_s: int = 600
+    """Process-group timeout: a dead peer ends in an error after this long, never a silent hang."""
+    preset: str | None = None
+    """The preset this config started from (informational)."""
+
+    def __post_init__(self) -> None:
+        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "allowed: >= 1")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "allowed: >= 1")
+        _check(self.sample_every >= 0, "sample_every", self.sample_every, "allowed: >= 0")
+        _check(self.num_samples >= 1, "num_samples", self.num_samples, "allowed: >= 1")
+        _check(self.sample_steps is None or self.sample_steps >= 1, "sample_steps", self.sample_steps,
+               "allowed: a positive integer or none")
+        _check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
+        _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        _check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
+
+    # -- derived -----------------------------------------------------------------------------
+    def run_dir(self) -> Path:
+        name = self.name or (
+            f"{self.preset or 'run'}-{self.federation.method}-k{self.federation.clients}"
+            f"-{self.data.partition}-s{self.federation.seed}"
+        )
+        return Path(self.out_dir) / name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return _from_dict(cls, d, prefix="")
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: plain functions returning a RunConfig.
+
+
+def preset_quickstart() -> RunConfig:
+    """Laptop CPU: 2 clients, 3 rounds of a few local steps on real Fashion-MNIST (a few minutes)."""
+    return RunConfig(
+        data=DataConfig(subset=4000),
+        federation=FederationConfig(clients=2, rounds=3, local_epochs=1, max_local_steps=25),
+        optim=OptimConfig(batch_size=32, lr=5e-4),
+        num_samples=16,
+        sample_steps=50,
+        preset="quickstart",
+    )
+
+
+def preset_paper_fmnist() -> RunConfig:
+    """The paper's setup: Fashion-MNIST, batch 128, Adam 1e-4, Huber, E=5, R=15, beta=0.5, seed 2023."""
+    return RunConfig(preset="paper-fmnist")
+
+
+def preset_paper_celeba() -> RunConfig:
+    """The paper's CelebA setting (64x64x3, centre crop 178)."""
+    return RunConfig(data=DataConfig(dataset="celeba"), preset="paper-celeba")
+
+
+def preset_ddpm_cifar10() -> RunConfig:
+    """Ho et al.'s DDPM UNet (35.7M parameters) on CIFAR-10, L2 loss, Adam 2e-4."""
+    return RunConfig(
+        model=ModelConfig(arch="ddpm-unet"),
+        diffusion=DiffusionConfig(loss="l2"),
+        data=DataConfig(dataset="cifar10"),
+        optim=OptimConfig(lr=2e-4, ema_decay=0.9999),
+        preset="ddpm-cifar10",
+    )
+
+
+def preset_tiny() -> RunConfig:
+    """Tests: a small paper UNet (dim_mults 1,2), a few steps, few diffusion steps."""
+    return RunConfig(
+        model=ModelConfig(dim_mults=(1, 2)),
+        diffusion=DiffusionConfig(timesteps=50),
+        data=DataConfig(subset=256),
+        federation=FederationConfig(clients=2, rounds=2, local_epochs=1, max_local_steps=2),
+        optim=OptimConfig(batch_size=8),
+        num_samples=4,
+        sample_steps=5,
+        preset="tiny",
+    )
+
+
+PRESETS = {
+    "quickstart": preset_quickstart,
+    "paper-fmnist": preset_paper_fmnist,
+    "paper-celeba": preset_paper_celeba,
+    "ddpm-cifar10": preset_ddpm_cifar10,
+    "tiny": preset_tiny,
+}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"invalid preset={name!r}: allowed: " + ", ".join(PRESETS))
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: "federation.clients=4", "optim.lr=2e-4", "model.dim_mults=1,2,4", "data.subset=none".
+
+
+def field_names(cfg: Any = None, prefix: str = "") -> list[str]:
+    """All dotted leaf field names of the config tree."""
+    cls = type(cfg) if cfg is not None else RunConfig
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out += field_names(t(), prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _parse_value(text: Any, tp: Any, name: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if text.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], name)
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is tuple:
+            return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"invalid {name}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
+    return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Return a new, validated config with dotted-name overrides applied (values may be strings)."""
+    d = cfg.to_dict()
+    known = set(field_names())
+    for key, value in overrides.items():
+        if key not in known:
+            close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config field {key!r}{hint}")
+        parts = key.split(".")
+        node: Any = d
+        cls: Any = RunConfig
+        for p in parts[:-1]:
+            node = node[p]
+            cls = typing.get_type_hints(cls)[p]
+        tp = typing.get_type_hints(cls)[parts[-1]]
+        node[parts[-1]] = _parse_value(value, tp, key)
+    return RunConfig.from_dict(d)
+
+
+def _from_dict(cls: Any, d: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown config field {prefix + sorted(unknown)[0]!r}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _from_dict(t, v or {}, prefix + k + ".")
+        elif typing.get_origin(t) in (types.UnionType, typing.Union) and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        else:
+            kwargs[k] = _parse_value(v, t, prefix + k) if isinstance(v, str) and t is not str else v
+    return cls(**kwargs)
