@@ -5,17 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from fedrun.config import RunConfig
+from fedrun.data import dataset_shape
 from unet import GaussianDiffusion, create_model
-
-# Native (channels, image size) of the built-in datasets; image folders default to 1x28 unless
-# data.image_size says otherwise, and their channel count is read from the model config's dataset.
-_NATIVE = {"fashion-mnist": (1, 28), "mnist": (1, 28), "cifar10": (3, 32), "celeba": (3, 64)}
 
 
 def image_shape(cfg: RunConfig) -> tuple[int, int]:
-    """(channels, image_size) the model is built for."""
-    channels, size = _NATIVE.get(cfg.data.dataset, (3, 64))
-    return channels, cfg.data.image_size or size
+    """(channels, image_size) the model is built for (the data loaders convert to the same)."""
+    return dataset_shape(cfg.data.dataset, cfg.data.image_size)
 
 
 def build_model(cfg: RunConfig) -> nn.Module:

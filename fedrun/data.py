@@ -1,0 +1,426 @@
+"""Data sets as in-memory uint8 tensors, and the data of the clients a process hosts.
+
+Everything is held as one ``uint8`` tensor ``[N, C, H, W]`` plus ``int64`` labels ``[N]``: a client's
+data is small enough for the training loop to keep on the GPU and shuffle there, and uint8 is 4x
+smaller than float. ``to_model_range`` maps a batch to the model's [-1, 1] when it is used.
+
+Two ways to get client data (``load_client_data``):
+
+- Simulation: one torchvision data set (optionally its first ``subset`` examples) is split over the
+  clients by ``fedrun.partition``; every process computes the same split and keeps its own clients.
+- Real deployment: ``DataConfig.client_data`` is a path template with ``{client}``; each hosted client
+  reads only its own image folder, so a process does not know the other clients' sizes.
+
+Missing data raises ``DataNotFoundError`` with one line naming the files, the folder and where to
+get them; torchvision's own errors for missing files never get through.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrun.config import DataConfig
+
+# (channels, native image size) of every data set; imagefolder images are converted to this shape
+# unless told otherwise, so that every client of a real deployment feeds the same model.
+SHAPES: dict[str, tuple[int, int]] = {
+    "fashion-mnist": (1, 28),
+    "mnist": (1, 28),
+    "cifar10": (3, 32),
+    "celeba": (3, 64),
+    "imagefolder": (3, 64),
+}
+TORCHVISION_DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba")
+CELEBA_CROP = 178
+"""CelebA is centre-cropped to 178x178 (the face) before resizing, as in the paper."""
+CELEBA_LABEL = "Male"
+"""CelebA has no classes; its binary 'Male' attribute (0/1) serves as label for partitions."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Data is missing; the message is one line: what to download, and where to put it."""
+
+
+@dataclass
+class ClientData:
+    """One client's (or one data set's) examples, all in memory."""
+
+    images: torch.Tensor
+    """uint8 [N, C, H, W], values 0..255."""
+    labels: torch.Tensor
+    """int64 [N]; 0 for unlabelled images."""
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"invalid images: dtype {self.images.dtype}, shape {tuple(self.images.shape)}: "
+                "allowed: uint8 [N, C, H, W]"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"invalid labels: dtype {self.labels.dtype}, shape {tuple(self.labels.shape)}: "
+                f"allowed: int64 [{self.images.shape[0]}]"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def dataset_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
+    """(channels, image size) of a data set without loading it, so the model can be built first.
+
+    ``image_size`` (DataConfig.image_size) overrides the native size, as the loaders do.
+    """
+    if name not in SHAPES:
+        raise ValueError(f"invalid dataset {name!r}: allowed: " + ", ".join(SHAPES))
+    channels, native = SHAPES[name]
+    return channels, image_size or native
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1] (x / 127.5 - 1), on the same device."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"to_model_range expects uint8 images, got {images.dtype}")
+    return images.float() / 127.5 - 1.0
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 0..255 (clamped, rounded): the inverse of ``to_model_range``."""
+    return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize uint8 [N, C, H, W] to [N, C, size, size] (bilinear, antialiased), in chunks to bound memory."""
+    from torchvision.transforms.v2 import functional as F
+
+    if images.shape[-2:] == (size, size):
+        return images
+    out = [
+        F.resize(images[i : i + chunk], [size, size], antialias=True) for i in range(0, len(images), chunk)
+    ]
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision data sets
+
+
+# What each data set needs on disk: folder under root, files in it, where to get them.
+_LAYOUT: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "fashion-mnist": (
+        "Fashion-MNIST",
+        "FashionMNIST/raw",
+        (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ),
+        "https://github.com/zalandoresearch/fashion-mnist, gunzipped",
+    ),
+    "mnist": (
+        "MNIST",
+        "MNIST/raw",
+        (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ),
+        "https://ossci-datasets.s3.amazonaws.com/mnist/, gunzipped",
+    ),
+    "cifar10": (
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        (
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+            "batches.meta",
+        ),
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extracted in the data root",
+    ),
+    "celeba": (
+        "CelebA",
+        "celeba",
+        (
+            "img_align_celeba/",
+            "list_eval_partition.txt",
+            "list_attr_celeba.txt",
+            "identity_CelebA.txt",
+            "list_bbox_celeba.txt",
+            "list_landmarks_align_celeba.txt",
+        ),
+        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, 'Align&Cropped' images with img_align_celeba.zip "
+        "unzipped",
+    ),
+}
+
+
+def _not_found(name: str, root: str, download_error: str | None = None) -> DataNotFoundError:
+    title, sub, files, source = _LAYOUT[name]
+    folder = Path(root) / sub
+    missing = [f for f in files if not (folder / f.rstrip("/")).exists()]
+    if download_error is not None:
+        # torchvision's download errors span several lines; the message stays one line.
+        how = f"the download failed ({' '.join(download_error.split())}); put"
+    else:
+        how = "put"
+    if not missing:
+        state = " (the files are there but fail torchvision's checksum: corrupted or incomplete)"
+    elif len(missing) < len(files):
+        state = f" (missing: {', '.join(missing)})"
+    else:
+        state = ""
+    fetch = "" if download_error is not None else " or pass --download with internet access"
+    return DataNotFoundError(
+        f"{title} not found under {root}{state}: {how} {', '.join(files)} in {folder}/ (from {source})"
+        f"{fetch}; set --data-root or FEDRUN_DATA to point elsewhere."
+    )
+
+
+def _torchvision(name: str, root: str, download: bool, make):
+    """Build a torchvision data set, turning its missing-file and download errors into ours."""
+    try:
+        return make()
+    except RuntimeError as e:
+        msg = str(e)
+        if "not found" in msg.lower() or "download" in msg.lower():
+            raise _not_found(name, root, msg if download else None) from None
+        raise
+    except OSError as e:  # e.g. URLError: no internet during download=True
+        if download:
+            raise _not_found(name, root, str(e)) from None
+        raise
+
+
+def _check_name(name: str) -> None:
+    if name not in TORCHVISION_DATASETS:
+        hint = " (use load_image_folder for image folders)" if name == "imagefolder" else ""
+        raise ValueError(f"invalid dataset {name!r}: allowed: " + ", ".join(TORCHVISION_DATASETS) + hint)
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike,
+    train: bool = True,
+    download: bool = False,
+    image_size: int | None = None,
+    subset: int | None = None,
+) -> ClientData:
+    """Load a torchvision data set into memory as uint8 [N, C, H, W] images and int64 labels.
+
+    ``train`` picks the train or test split. ``subset`` keeps the first N examples (before any
+    resize, so quick runs stay quick). ``image_size`` resizes to that size (default: native; CelebA:
+    centre crop 178 then resize to 64). CelebA labels are its 'Male' attribute (``CELEBA_LABEL``).
+    """
+    import torchvision.datasets as tvd
+
+    _check_name(name)
+    if subset is not None and subset < 1:
+        raise ValueError(f"invalid subset={subset!r}: allowed: a positive integer or None")
+    root = str(root)
+    if name == "celeba":
+        return _load_celeba(root, train, download, image_size or SHAPES["celeba"][1], subset)
+    if name in ("fashion-mnist", "mnist"):
+        cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
+        ds = _torchvision(name, root, download, lambda: cls(root, train=train, download=download))
+        images = ds.data.unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
+        labels = ds.targets.long()
+    else:
+        ds = _torchvision(name, root, download, lambda: tvd.CIFAR10(root, train=train, download=download))
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        labels = torch.tensor(ds.targets, dtype=torch.int64)
+    if subset is not None:
+        # A copy, not a slice: a slice would keep the whole data set's memory alive.
+        images, labels = images[:subset].clone(memory_format=torch.contiguous_format), labels[:subset].clone()
+    images = images.contiguous()  # CIFAR: materialise the NCHW view
+    if image_size:
+        images = resize_images(images, image_size)
+    return ClientData(images=images, labels=labels)
+
+
+def _load_celeba(root: str, train: bool, download: bool, size: int, subset: int | None) -> ClientData:
+    """CelebA through torchvision's transform pipeline: centre crop 178, resize, to uint8 tensor."""
+    import torchvision.datasets as tvd
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.CenterCrop(CELEBA_CROP), T.Resize(size), T.PILToTensor()])
+    split = "train" if train else "test"
+    ds = _torchvision(
+        "celeba",
+        root,
+        download,
+        lambda: tvd.CelebA(root, split=split, target_type="attr", transform=transform, download=download),
+    )
+    labels = ds.attr[:, ds.attr_names.index(CELEBA_LABEL)].long()
+    n = len(ds) if subset is None else min(subset, len(ds))
+    view = torch.utils.data.Subset(ds, range(n))
+    # JPEG decoding dominates (162,770 images for train): decode in worker processes.
+    workers = min(8, os.cpu_count() or 1) if n >= 2048 else 0
+    loader = torch.utils.data.DataLoader(view, batch_size=512, num_workers=workers)
+    images = torch.cat([x for x, _ in loader]) if n else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+    return ClientData(images=images, labels=labels[:n].clone())
+
+
+def load_labels(name: str, root: str | os.PathLike, train: bool = True, download: bool = False) -> np.ndarray:
+    """Only the labels of a torchvision data set (int64 numpy), without decoding its images."""
+    import torchvision.datasets as tvd
+
+    _check_name(name)
+    root = str(root)
+    if name in ("fashion-mnist", "mnist"):
+        cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
+        raw = Path(root) / _LAYOUT[name][1]
+        path = raw / ("train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte")
+        if path.exists() and not download:
+            from torchvision.datasets.mnist import read_label_file
+
+            return read_label_file(str(path)).numpy().astype(np.int64)
+        ds = _torchvision(name, root, download, lambda: cls(root, train=train, download=download))
+        return ds.targets.numpy().astype(np.int64)
+    if name == "cifar10":
+        ds = _torchvision(name, root, download, lambda: tvd.CIFAR10(root, train=train, download=download))
+        return np.asarray(ds.targets, dtype=np.int64)
+    split = "train" if train else "test"
+    ds = _torchvision(
+        name, root, download, lambda: tvd.CelebA(root, split=split, target_type="attr", download=download)
+    )
+    return ds.attr[:, ds.attr_names.index(CELEBA_LABEL)].numpy().astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders (a client's private images)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_image_folder(
+    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
+) -> ClientData:
+    """Load every image of a folder into memory.
+
+    Layout: torchvision's ImageFolder (one subfolder per class; labels = sorted subfolder index) when
+    any subfolder holds images, else a flat folder of images (all label 0). ``channels`` 1 converts
+    to grey, 3 to RGB; None picks 1 if every image is grey, else 3. ``image_size`` resizes the shorter
+    side and centre-crops to a square; None requires every image to have the same size.
+    """
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    folder = Path(path)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"invalid channels={channels!r}: allowed: 1, 3 or None")
+    if not folder.is_dir():
+        raise DataNotFoundError(
+            f"image folder {folder} not found: put the client's images there "
+            f"({', '.join(IMAGE_EXTENSIONS)}), flat or in class subfolders"
+        )
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and _image_files(d))
+    if class_dirs:
+        files = [(f, c) for c, d in enumerate(class_dirs) for f in _image_files(d)]
+    else:
+        files = [
+            (f, 0) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    if not files:
+        raise DataNotFoundError(
+            f"no images found in {folder}: put the client's images there "
+            f"({', '.join(IMAGE_EXTENSIONS)}), flat or in class subfolders"
+        )
+
+    pil = []
+    for f, _ in files:
+        with Image.open(f) as im:
+            im.load()
+            pil.append(im)
+    if channels is None:
+        grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in pil)
+        channels = 1 if grey else 3
+    mode = "L" if channels == 1 else "RGB"
+
+    tensors = []
+    for (f, _), im in zip(files, pil, strict=True):
+        im = im.convert(mode)
+        if image_size is not None:
+            im = TF.center_crop(TF.resize(im, image_size), [image_size, image_size])
+        t = TF.pil_to_tensor(im)  # uint8 [C, H, W]
+        if tensors and t.shape != tensors[0].shape:
+            raise ValueError(
+                f"images in {folder} differ in size ({files[0][0].name}: {tuple(tensors[0].shape[1:])}, "
+                f"{f.name}: {tuple(t.shape[1:])}): set an image_size (data.image_size) to resize them"
+            )
+        tensors.append(t)
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    return ClientData(images=torch.stack(tensors), labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The clients a process hosts
+
+
+def load_client_data(
+    data_cfg: DataConfig, num_clients: int, client_ids: list[int], seed: int
+) -> tuple[dict[int, ClientData], list[int | None]]:
+    """The data of the hosted clients ``client_ids``, and the sizes of all ``num_clients`` clients.
+
+    Simulation (``data_cfg.client_data`` unset): loads the training set (its first ``subset``
+    examples), splits it with ``fedrun.partition.partition(kind=data_cfg.partition, beta, seed,
+    min_per_client)`` and keeps the hosted clients; every size is known, since every process computes
+    the same split.
+
+    Real deployment (``client_data`` set, e.g. ``/data/client{client}``): each hosted client reads its
+    own folder with ``load_image_folder``, converted to ``dataset_shape(data_cfg.dataset,
+    data_cfg.image_size)`` so that all clients feed the same model. Sizes of clients hosted elsewhere
+    are not known here and are ``None``: the runtime gathers them across ranks (FedAvg weights).
+    """
+    from fedrun.partition import partition
+
+    ids = list(client_ids)
+    bad = [c for c in ids if not (isinstance(c, (int, np.integer)) and 0 <= c < num_clients)]
+    if bad or len(set(ids)) != len(ids):
+        raise ValueError(f"invalid client_ids={ids}: allowed: distinct integers in 0..{num_clients - 1}")
+    ids = [int(c) for c in ids]
+
+    if data_cfg.client_data:
+        channels, size = dataset_shape(data_cfg.dataset, data_cfg.image_size)
+        data = {}
+        for c in ids:
+            # str.replace, not str.format: a path may contain other braces.
+            folder = data_cfg.client_data.replace("{client}", str(c))
+            data[c] = load_image_folder(folder, image_size=size, channels=channels)
+        sizes: list[int | None] = [len(data[c]) if c in data else None for c in range(num_clients)]
+        return data, sizes
+
+    full = load_dataset(
+        data_cfg.dataset,
+        data_cfg.root,
+        train=True,
+        download=data_cfg.download,
+        image_size=data_cfg.image_size,
+        subset=data_cfg.subset,
+    )
+    parts = partition(
+        full.labels.numpy(),
+        num_clients,
+        data_cfg.partition,
+        beta=data_cfg.beta,
+        seed=seed,
+        min_per_client=data_cfg.min_per_client,
+    )
+    data = {}
+    for c in ids:
+        idx = torch.from_numpy(parts[c])
+        data[c] = ClientData(images=full.images[idx], labels=full.labels[idx])
+    return data, [len(p) for p in parts]
