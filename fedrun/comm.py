@@ -1,0 +1,145 @@
+"""Communication accounting: the paper's parameter count, and the bytes our collectives really carry.
+
+The paper counts parameters in a star topology (section 3 of docs/feddiffuse.md): per round and client,
+the download (the whole model P in the first round; later P again if everyone receives the whole model,
+else the averaged groups) plus the upload (the groups the client contributes). This project has no server:
+one all-reduce of a flat buffer per round, whose size ``collective_bytes_per_round`` gives. ``CommLog``
+records both, one JSON line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedrun.methods import GROUPS, RoundPlan, plan_round
+
+if TYPE_CHECKING:
+    from fedrun.averaging import SyncStats
+
+
+def _total(sizes: Mapping[str, int]) -> int:
+    missing = [g for g in GROUPS if g not in sizes]
+    if missing:
+        raise ValueError(f"sizes lacks group(s) {missing}; needs {', '.join(GROUPS)}")
+    return sum(int(sizes[g]) for g in GROUPS)
+
+
+def paper_round_count(plan: RoundPlan, sizes: Mapping[str, int], first_round: bool) -> int:
+    """Parameters the paper counts for one round, summed over clients (download + upload)."""
+    p = _total(sizes)
+    shared = sum(int(sizes[g]) for g in plan.shared_groups())
+    download = p if first_round or plan.broadcast_all else shared
+    upload = sum(int(sizes[g]) for groups in plan.assignments for g in groups)
+    return plan.num_clients * download + upload
+
+
+def paper_total(method: str, sizes: Mapping[str, int], num_clients: int, rounds: int, seed: int) -> int:
+    """The paper's N for a whole run: ``paper_round_count`` over rounds 1..rounds (plans from
+    ``plan_round``). FULL = 2PRK, UDec = K(P + U + 2U(R-1)), ULatDec = K(P + (U+M) + 2(U+M)(R-1)),
+    USplit = KPR + the uploaded assigned parts."""
+    return sum(
+        paper_round_count(plan_round(method, r, num_clients, seed), sizes, first_round=r == 1)
+        for r in range(1, rounds + 1)
+    )
+
+
+def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int) -> tuple[int, int]:
+    """(min, max) of USplit's paper count over all role draws. Every client downloads P every round; each
+    pair uploads E + M + U = P; an odd last client uploads M plus E or U, the only random part."""
+    p = _total(sizes)
+    k = num_clients
+    if k == 1:
+        return (2 * p * rounds,) * 2
+    fixed = k * p + (k // 2) * p
+    if k % 2 == 0:
+        return (fixed * rounds,) * 2
+    m, e, u = sizes["bottleneck"], sizes["encoder"], sizes["decoder"]
+    return (fixed + m + min(e, u)) * rounds, (fixed + m + max(e, u)) * rounds
+
+
+def collective_bytes_per_round(
+    plan: RoundPlan, named_sizes: Mapping[str, int | Sequence[int]], exchange_dtype: str, dtype_bytes: int = 4
+) -> int:
+    """Bytes one rank's all-reduce carries in this round: every shared parameter plus one denominator slot
+    per shared group, at 2 bytes for bf16 else ``dtype_bytes``. ``named_sizes``: group -> its number of
+    parameters, or the list of its tensors' sizes. (Under bf16 the first sync without a reference goes in
+    fp32, see ``Averager``.) A ring all-reduce then sends about 2 (W-1)/W times this per rank."""
+    shared = plan.shared_groups()
+    if not shared:
+        return 0
+    numel = len(shared)
+    for g in shared:
+        n = named_sizes[g]
+        numel += int(n) if isinstance(n, int) else sum(int(x) for x in n)
+    return numel * (2 if exchange_dtype == "bf16" else dtype_bytes)
+
+
+class CommLog:
+    """Per-round communication record: the paper's count and the bytes really all-reduced, with totals.
+
+    Every rank may keep one (the totals are then known everywhere); give ``path`` only on rank 0, which
+    appends one JSON line per round. On a resume, pass the round of the checkpoint as ``truncate_after``
+    (records of later rounds, about to be run again, are dropped from the file) and the totals saved in the
+    checkpoint (``counters()``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        truncate_after: int | None = None,
+        paper_params_cum: int = 0,
+        bytes_cum: int = 0,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.paper_params_cum = int(paper_params_cum)
+        self.bytes_cum = int(bytes_cum)
+        self.rows: list[dict[str, Any]] = []
+        if self.path is not None and truncate_after is not None and self.path.exists():
+            kept = [r for r in read_comm_log(self.path) if r["round"] <= truncate_after]
+            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+
+    def append(
+        self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0
+    ) -> dict[str, Any]:
+        """Record one round; returns the row (also written to the file where there is one)."""
+        self.paper_params_cum += int(paper_params)
+        self.bytes_cum += int(bytes_moved)
+        row = {
+            "round": int(round),
+            "paper_params": int(paper_params),
+            "paper_params_cum": self.paper_params_cum,
+            "bytes": int(bytes_moved),
+            "bytes_cum": self.bytes_cum,
+            "sync_seconds": float(sync_seconds),
+        }
+        self.rows.append(row)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def record(
+        self, plan: RoundPlan, sizes: Mapping[str, int], stats: SyncStats, first_round: bool | None = None
+    ) -> dict[str, Any]:
+        """``append`` with the paper count computed from the plan (``first_round``: round 1 if None)."""
+        first = plan.round == 1 if first_round is None else first_round
+        return self.append(plan.round, paper_params=paper_round_count(plan, sizes, first),
+                           bytes_moved=stats.bytes, sync_seconds=stats.seconds)
+
+    def counters(self) -> dict[str, int]:
+        """The running totals, to store in a checkpoint and pass back on resume."""
+        return {"paper_params_cum": self.paper_params_cum, "bytes_cum": self.bytes_cum}
+
+
+def read_comm_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of a comm.jsonl file, in order (blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,135 @@
+"""The four FedDiffuse training methods as data: who contributes which parameter group in round r.
+
+A method is a function ``(round, num_clients, seed) -> RoundPlan``; nothing here trains, averages or
+communicates. The averager reads a plan to know what to all-reduce and who receives it, the trainer reads
+it to know what to train, and ``comm`` reads it to count what the paper's star topology would send.
+
+Rounds are numbered from 1, as in the paper. USplit's roles are drawn from
+``np.random.default_rng([seed, round])``, so every rank derives the same plan from the same (seed, round)
+without any communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+GROUPS: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+"""The parameter groups of the UNet, in model order (see section 1 of docs/feddiffuse.md)."""
+
+USPLIT_TRAIN = ("all", "assigned")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What happens at the averaging step of one round."""
+
+    round: int
+    """Round index, from 1."""
+    assignments: tuple[frozenset[str], ...]
+    """For each client k (index into the tuple), the groups it uploads/contributes to the average."""
+    broadcast_all: bool
+    """True: every client receives the whole averaged model (FULL, USplit). False: clients receive only
+    the averaged groups and keep the rest local (ULatDec, UDec)."""
+    method: str = ""
+    """Name of the method that made the plan (informational; ``trainable_groups`` reads it)."""
+
+    def __post_init__(self) -> None:
+        if self.round < 1:
+            raise ValueError(f"round={self.round} must be >= 1 (rounds are numbered from 1)")
+        if not self.assignments:
+            raise ValueError("a round plan needs at least one client")
+        for k, groups in enumerate(self.assignments):
+            unknown = set(groups) - set(GROUPS)
+            if unknown:
+                allowed = ", ".join(GROUPS)
+                raise ValueError(f"client {k}: unknown group(s) {sorted(unknown)}; allowed: {allowed}")
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.assignments)
+
+    def contributors(self, group: str) -> list[int]:
+        """Clients whose ``group`` enters this round's average, in client order."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}; allowed: {', '.join(GROUPS)}")
+        return [k for k, groups in enumerate(self.assignments) if group in groups]
+
+    def shared_groups(self) -> tuple[str, ...]:
+        """Groups averaged this round (at least one contributor), in GROUPS order."""
+        return tuple(g for g in GROUPS if any(g in groups for groups in self.assignments))
+
+    def local_groups(self) -> tuple[str, ...]:
+        """Groups nobody contributes this round: they stay as each client trained them."""
+        shared = self.shared_groups()
+        return tuple(g for g in GROUPS if g not in shared)
+
+
+PlanFn = Callable[[int, int, int], RoundPlan]
+"""A method: ``(round, num_clients, seed) -> RoundPlan``."""
+
+
+def _everyone(groups: tuple[str, ...], method: str, broadcast_all: bool) -> PlanFn:
+    """A method in which every client contributes the same groups every round."""
+
+    def plan(round: int, num_clients: int, seed: int) -> RoundPlan:
+        return RoundPlan(round, (frozenset(groups),) * num_clients, broadcast_all, method)
+
+    plan.__doc__ = f"{method}: every client contributes {', '.join(groups)} every round."
+    return plan
+
+
+def plan_usplit(round: int, num_clients: int, seed: int) -> RoundPlan:
+    """USplit: shuffle the clients, pair consecutive ones; in a pair one contributes the encoder, the other
+    the decoder, and the bottleneck goes to one of the two at random. With odd K the last client gets the
+    bottleneck plus, at random, the encoder or the decoder; K = 1 does everything. Drawn anew every round
+    from ``default_rng([seed, round])``, hence identical on every rank."""
+    rng = np.random.default_rng([seed, round])
+    order = [int(k) for k in rng.permutation(num_clients)]
+    roles: list[set[str]] = [set() for _ in range(num_clients)]
+    if num_clients == 1:
+        roles[0] = set(GROUPS)
+    for i in range(0, num_clients - 1, 2):
+        enc, dec = order[i], order[i + 1]
+        roles[enc].add("encoder")
+        roles[dec].add("decoder")
+        roles[(enc, dec)[int(rng.integers(2))]].add("bottleneck")
+    if num_clients % 2 == 1 and num_clients > 1:
+        last = order[-1]
+        roles[last] |= {"bottleneck", ("encoder", "decoder")[int(rng.integers(2))]}
+    return RoundPlan(round, tuple(frozenset(r) for r in roles), True, "usplit")
+
+
+METHODS: dict[str, PlanFn] = {
+    "full": _everyone(GROUPS, "full", broadcast_all=True),
+    "usplit": plan_usplit,
+    "ulatdec": _everyone(("bottleneck", "decoder"), "ulatdec", broadcast_all=False),
+    "udec": _everyone(("decoder",), "udec", broadcast_all=False),
+}
+"""Registry: method name -> plan function ``(round, num_clients, seed) -> RoundPlan``."""
+
+
+def plan_round(method: str, round: int, num_clients: int, seed: int) -> RoundPlan:
+    """The plan of ``round`` (from 1) for ``num_clients`` clients under ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if num_clients < 1:
+        raise ValueError(f"num_clients={num_clients} must be >= 1")
+    return METHODS[method](round, num_clients, seed)
+
+
+def trainable_groups(plan: RoundPlan, client: int, usplit_train: str) -> tuple[str, ...]:
+    """Groups ``client`` trains in this round, in GROUPS order.
+
+    ``usplit_train='all'`` (the paper's code): every group. ``'assigned'``: under USplit only the groups the
+    client contributes; it has no effect on the other methods, whose clients always train the whole model.
+    """
+    if usplit_train not in USPLIT_TRAIN:
+        raise ValueError(f"unknown usplit_train {usplit_train!r}; allowed: {', '.join(USPLIT_TRAIN)}")
+    if not 0 <= client < plan.num_clients:
+        raise ValueError(f"client={client} out of range for {plan.num_clients} clients")
+    if usplit_train == "all" or plan.method != "usplit":
+        return GROUPS
+    return tuple(g for g in GROUPS if g in plan.assignments[client])

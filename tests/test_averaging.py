@@ -1,0 +1,259 @@
+"""Averaging maths (hand-computed) and the Averager in a single process (multi-rank: test_dist_multiproc)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedrun.averaging import Averager, SyncStats, weighted_average
+from fedrun.methods import RoundPlan, plan_round
+
+E, M, U = "encoder", "bottleneck", "decoder"
+
+
+# -- weighted_average ----------------------------------------------------------------------------
+
+
+def test_weighted_average_two_states_by_hand():
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([[0.0]])}
+    b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([[4.0]])}
+    out = weighted_average([a, b], [1, 3])
+    # (1*1 + 3*3)/4 = 2.5, (1*2 + 3*6)/4 = 5, (0 + 3*4)/4 = 3
+    assert torch.equal(out["w"], torch.tensor([2.5, 5.0]))
+    assert torch.equal(out["b"], torch.tensor([[3.0]]))
+    # weights are normalised inside: scaling them changes nothing
+    assert torch.equal(weighted_average([a, b], [10.0, 30.0])["w"], out["w"])
+
+
+def test_weighted_average_three_states_and_zero_weight():
+    states = [{"x": torch.tensor([0.0])}, {"x": torch.tensor([3.0])}, {"x": torch.tensor([6.0])}]
+    assert weighted_average(states, [1, 1, 2])["x"].item() == pytest.approx(3.75)  # (0 + 3 + 12) / 4
+    assert weighted_average(states, [0, 2, 0])["x"].item() == 3.0
+    assert weighted_average(states[:1], [5])["x"].item() == 0.0
+
+
+def test_weighted_average_keeps_dtype_and_does_not_alias_inputs():
+    a = {"x": torch.tensor([1.0], dtype=torch.float64)}
+    out = weighted_average([a], [1])
+    assert out["x"].dtype == torch.float64
+    out["x"].add_(1)
+    assert a["x"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "states, weights, match",
+    [
+        ([], [], "at least one"),
+        ([{"x": torch.zeros(1)}], [1, 2], "weights"),
+        ([{"x": torch.zeros(1)}, {"y": torch.zeros(1)}], [1, 1], "different parameter names"),
+        ([{"x": torch.zeros(1)}, {"x": torch.zeros(1)}], [1, -1], ">= 0"),
+        ([{"x": torch.zeros(1)}, {"x": torch.zeros(1)}], [0, 0], "total weight"),
+        ([{"x": torch.zeros(1)}, {"x": torch.zeros(2)}], [1, 1], "shape"),
+    ],
+)
+def test_weighted_average_rejects(states, weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_average(states, weights)
+
+
+def test_weighted_average_rejects_integer_tensors():
+    with pytest.raises(TypeError):
+        weighted_average([{"n": torch.tensor([1])}], [1])
+
+
+# -- Averager, one process hosting every client ----------------------------------------------------
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(3, 2)  # 8 parameters
+        self.mid = nn.Linear(2, 2, bias=False)  # 4
+        self.dec = nn.Linear(2, 1)  # 3
+
+
+GROUP_NAMES = {E: ["enc.weight", "enc.bias"], M: ["mid.weight"], U: ["dec.weight", "dec.bias"]}
+OFFSET = {"enc.weight": 0.0, "enc.bias": 10.0, "mid.weight": 20.0, "dec.weight": 30.0, "dec.bias": 40.0}
+
+
+def clients(values: list[float]) -> list[Tiny]:
+    """Client k has every parameter filled with values[k] + a per-parameter offset."""
+    models = [Tiny() for _ in values]
+    with torch.no_grad():
+        for m, v in zip(models, values, strict=True):
+            for n, p in m.named_parameters():
+                p.fill_(v + OFFSET[n])
+    return models
+
+
+def params(models: list[Tiny]) -> dict[int, dict[str, torch.Tensor]]:
+    return {k: dict(m.named_parameters()) for k, m in enumerate(models)}
+
+
+def value(model: Tiny, name: str) -> torch.Tensor:
+    return dict(model.named_parameters())[name].detach()
+
+
+def test_full_average_by_hand_written_in_place():
+    models = clients([1.0, 2.0, 4.0])
+    ptrs = [p.data_ptr() for m in models for p in m.parameters()]
+    avg = Averager(GROUP_NAMES, client_sizes=[1, 1, 2])
+    stats = avg.sync(plan_round("full", 1, 3, 0), params(models))
+    # w = (.25, .25, .5): .25*1 + .25*2 + .5*4 = 2.75
+    for m in models:
+        for n in OFFSET:
+            assert torch.equal(value(m, n), torch.full_like(value(m, n), 2.75 + OFFSET[n]))
+    assert [p.data_ptr() for m in models for p in m.parameters()] == ptrs  # written in place
+    assert all(p.requires_grad for m in models for p in m.parameters())
+    assert stats == SyncStats(bytes=0, seconds=stats.seconds, collectives=0, groups=(E, M, U))
+
+
+def test_udec_averages_decoder_and_leaves_local_groups_untouched():
+    models = clients([1.0, 2.0, 4.0])
+    avg = Averager(GROUP_NAMES, client_sizes=[1, 1, 2])
+    avg.sync(plan_round("udec", 1, 3, 0), params(models))
+    for k, m in enumerate(models):
+        own = [1.0, 2.0, 4.0][k]
+        for n in ("dec.weight", "dec.bias"):
+            assert torch.equal(value(m, n), torch.full_like(value(m, n), 2.75 + OFFSET[n]))
+        for n in ("enc.weight", "enc.bias", "mid.weight"):
+            assert torch.equal(value(m, n), torch.full_like(value(m, n), own + OFFSET[n]))
+
+
+def test_usplit_each_part_over_its_assignees_everyone_gets_all():
+    models = clients([1.0, 2.0, 4.0])
+    plan = RoundPlan(1, (frozenset({E, M}), frozenset({U}), frozenset({M, U})), True, "usplit")
+    Averager(GROUP_NAMES, client_sizes=[1, 1, 2]).sync(plan, params(models))
+    expect = {
+        "enc.weight": 1.0,  # client 0 alone
+        "enc.bias": 1.0,
+        "mid.weight": (0.25 * 1 + 0.5 * 4) / 0.75,  # clients 0, 2 -> 3.0
+        "dec.weight": (0.25 * 2 + 0.5 * 4) / 0.75,  # clients 1, 2 -> 3.333...
+        "dec.bias": (0.25 * 2 + 0.5 * 4) / 0.75,
+    }
+    for m in models:
+        for n, v in expect.items():
+            torch.testing.assert_close(value(m, n), torch.full_like(value(m, n), v + OFFSET[n]))
+    # bit-identical on every client, not just close
+    for m in models[1:]:
+        for n in OFFSET:
+            assert torch.equal(value(m, n), value(models[0], n))
+
+
+def test_matches_weighted_average_on_random_states():
+    torch.manual_seed(0)
+    models = [Tiny() for _ in range(4)]
+    before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    sizes = [529, 14, 46087, 11898]
+    plan = plan_round("ulatdec", 3, 4, 0)
+    Averager(GROUP_NAMES, sizes).sync(plan, params(models))
+    ref = weighted_average(before, sizes)
+    for m, b in zip(models, before, strict=True):
+        for n in ("mid.weight", "dec.weight", "dec.bias"):
+            torch.testing.assert_close(value(m, n), ref[n], atol=1e-6, rtol=0)
+        for n in ("enc.weight", "enc.bias"):
+            assert torch.equal(value(m, n), b[n])
+
+
+def test_flat_buffer_reused_while_layout_unchanged():
+    models = clients([1.0, 2.0])
+    avg = Averager(GROUP_NAMES, [1, 1])
+    avg.sync(plan_round("usplit", 1, 2, 5), params(models))
+    buf = avg._buffer
+    assert buf is not None and buf.numel() == 15 + 3  # 15 parameters + one denominator slot per group
+    avg.sync(plan_round("usplit", 2, 2, 5), params(models))
+    avg.sync(plan_round("full", 3, 2, 5), params(models))
+    assert avg._buffer is buf
+    avg.sync(plan_round("udec", 4, 2, 5), params(models))  # a different layout: decoder only
+    assert avg._buffer is not buf and avg._buffer.numel() == 3 + 1
+
+
+def test_float64_parameters_average_in_float64():
+    models = [Tiny().double() for _ in range(2)]
+    before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    avg = Averager(GROUP_NAMES, [1, 2])
+    avg.sync(plan_round("full", 1, 2, 0), params(models))
+    assert avg._buffer.dtype == torch.float64
+    ref = weighted_average(before, [1, 2])
+    assert torch.allclose(value(models[0], "enc.weight"), ref["enc.weight"], atol=1e-14, rtol=0)
+
+
+def test_bf16_exchanges_changes_not_values():
+    # Parameters near 10: bf16 spacing there is 2^-4 = 0.0625, so sending values in bf16 would err by up to
+    # 0.03; sending the round's changes (~1e-3) errs by ~1e-3 * 2^-9.
+    models = clients([10.0, 10.0])
+    avg = Averager(GROUP_NAMES, client_sizes=[1, 3], exchange_dtype="bf16")
+    avg.sync(plan_round("full", 1, 2, 0), params(models))  # no reference yet: fp32, exact
+    assert avg._send is None
+    for m in models:
+        assert value(m, "enc.weight")[0, 0].item() == 10.0
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in models:  # "local training": small changes
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+    before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    ref = weighted_average(before, [1, 3])
+    avg.sync(plan_round("full", 2, 2, 0), params(models))
+    assert avg._send is not None and avg._send.dtype == torch.bfloat16
+    naive = 0.0
+    for n in OFFSET:
+        err = (value(models[0], n) - ref[n]).abs().max().item()
+        assert err < 2e-5, (n, err)
+        naive = max(naive, (ref[n].bfloat16().float() - ref[n]).abs().max().item())
+        assert torch.equal(value(models[1], n), value(models[0], n))
+    assert naive > 1e-3  # what sending values in bf16 would have cost
+
+
+def test_bf16_set_reference_makes_first_sync_bf16():
+    models = clients([0.5, 0.5])
+    avg = Averager(GROUP_NAMES, [1, 1], exchange_dtype="bf16")
+    avg.set_reference({n: p for n, p in models[0].named_parameters()})
+    with torch.no_grad():
+        value(models[0], "dec.bias").add_(0.002)
+        value(models[1], "dec.bias").add_(0.004)
+    avg.sync(plan_round("udec", 1, 2, 0), params(models))
+    assert avg._send is not None and avg._send.dtype == torch.bfloat16
+    got = value(models[0], "dec.bias").item()
+    assert abs(got - (40.5 + 0.003)) < 1e-5
+    avg.reset_reference()
+    avg.sync(plan_round("udec", 2, 2, 0), params(models))
+    assert avg._send is None
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="both"):
+        Averager({E: ["a"], U: ["a"]}, [1])
+    with pytest.raises(ValueError, match="unknown group"):
+        Averager({"head": ["a"]}, [1])
+    with pytest.raises(ValueError, match="exchange_dtype"):
+        Averager(GROUP_NAMES, [1], exchange_dtype="fp8")
+    with pytest.raises(ValueError, match="client_sizes"):
+        Averager(GROUP_NAMES, [0, 0])
+    models = clients([1.0, 2.0])
+    avg = Averager(GROUP_NAMES, [1, 1])
+    with pytest.raises(ValueError, match="clients"):
+        avg.sync(plan_round("full", 1, 3, 0), params(models))
+    with pytest.raises(ValueError, match="out of range"):
+        avg.sync(plan_round("full", 1, 2, 0), {0: params(models)[0], 5: params(models)[1]})
+    p = params(models)
+    del p[1]["dec.bias"]
+    with pytest.raises(KeyError, match="dec.bias"):
+        avg.sync(plan_round("full", 1, 2, 0), p)
+    p = params(models)
+    p[1]["dec.bias"] = torch.zeros(2)  # a receiver with the wrong shape is refused before anything moves
+    with pytest.raises(ValueError, match="client 1: dec.bias has shape"):
+        avg.sync(plan_round("udec", 1, 2, 0), p)
+    assert value(models[0], "dec.bias").item() == 1.0 + OFFSET["dec.bias"]
+    zero = Averager(GROUP_NAMES, [0, 1])
+    with pytest.raises(ValueError, match="0 examples"):
+        zero.sync(RoundPlan(1, (frozenset({U}), frozenset()), False), params(models))
+
+
+def test_missing_contributor_detected_by_the_denominator_check():
+    # One process must host every client; a missing one shows as a wrong summed weight, not a silent error.
+    models = clients([1.0, 2.0])
+    avg = Averager(GROUP_NAMES, [1, 1])
+    with pytest.raises(RuntimeError, match="disagree"):
+        avg.sync(plan_round("full", 1, 2, 0), {0: params(models)[0]})

@@ -1,0 +1,365 @@
+"""The process group and the Averager across real processes (gloo on 127.0.0.1, CPU).
+
+Each spawn runs every scenario of one world size in one process group (spawning is the slow part); every
+rank writes what it saw to a JSON file and the test compares the ranks. Expected values are recomputed
+independently on every rank from seeds: client k's pre-sync state depends only on (method, K, round, k).
+The first tests need no process group (single-process behaviour of fedrun.dist).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fedrun import dist as fdist
+from fedrun.averaging import Averager, weighted_average
+from fedrun.comm import collective_bytes_per_round
+from fedrun.methods import METHODS, plan_round
+
+SHAPES = {"enc.w": (4, 3), "enc.b": (4,), "mid.w": (3, 3), "dec.w": (2, 4), "dec.b": (2,)}
+NAMED = {"encoder": ["enc.w", "enc.b"], "bottleneck": ["mid.w"], "decoder": ["dec.w", "dec.b"]}
+NAMED_SIZES = {"encoder": 16, "bottleneck": 9, "decoder": 10}
+SEED = 17
+
+
+# -- single process: no launcher, no group ------------------------------------------------------------
+
+
+def test_single_process_without_launcher(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = fdist.init_distributed(device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.backend) == (0, 1, 0, None)
+    assert ctx.device == torch.device("cpu") and ctx.is_main
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert fdist.init_distributed(device="cpu").backend is None
+    assert not torch.distributed.is_initialized()
+    fdist.cleanup()  # safe without a group
+
+
+def test_single_process_helpers():
+    entries = [("a", (2, 3), "torch.float32")]
+    assert fdist.check_signature(entries) == fdist.signature_hash(entries)
+    assert fdist.check_signature(entries) != fdist.signature_hash([("a", (3, 2), "torch.float32")])
+    assert fdist.all_gather_ints([3, 4]) == [3, 4]
+    with pytest.raises(ValueError, match="slot 1"):
+        fdist.all_gather_ints([3, None])
+    t = torch.ones(2)
+    fdist.broadcast_state([t])
+    assert torch.equal(t, torch.ones(2))
+    assert fdist.broadcast_object({"a": 1}) == {"a": 1}
+    assert fdist.gather_dict({3: "x"}) == {3: "x"}
+    fdist.barrier()
+
+
+def test_env_errors(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="RANK"):
+        fdist.init_distributed(device="cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fdist.init_distributed(device="cuda")
+    assert fdist.init_distributed(device="auto").device == torch.device("cpu")
+
+
+def test_hosted_clients_round_robin():
+    assert fdist.hosted_clients(0, 2, 5) == [0, 2, 4]
+    assert fdist.hosted_clients(1, 2, 5) == [1, 3]
+    assert fdist.hosted_clients(2, 3, 3) == [2]
+    with pytest.raises(ValueError) as err:
+        fdist.hosted_clients(0, 4, 3)
+    assert str(err.value) == (
+        "clients=3 is smaller than the number of ranks 4: every rank must host at least one client"
+    )
+    with pytest.raises(ValueError, match="rank"):
+        fdist.hosted_clients(2, 2, 4)
+
+
+# -- worker side ----------------------------------------------------------------------------------------
+
+
+def _state(tag: str, k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{tag}-{k}".encode()))
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _sizes(k: int) -> list[int]:
+    return [10 + 7 * i * i for i in range(k)]  # unequal weights
+
+
+def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
+    """Every method, K = W..5, three rounds each (one Averager per run, so its buffer is reused)."""
+    cases = []
+    for method in METHODS:
+        for k in range(max(2, ctx.world_size), 6):
+            hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
+            sizes = _sizes(k)
+            avg = Averager(NAMED, sizes)
+            live = {c: {n: torch.zeros(s, requires_grad=True) for n, s in SHAPES.items()} for c in hosted}
+            for r in range(1, 4):
+                tag = f"{method}-{k}-{r}"
+                pre = {c: _state(tag, c) for c in range(k)}  # every client's, to compute the expectation
+                with torch.no_grad():
+                    for c in hosted:
+                        for n, t in live[c].items():
+                            t.copy_(pre[c][n])
+                plan = plan_round(method, r, k, SEED)
+                stats = avg.sync(plan, live)
+                err = 0.0
+                for g in plan.shared_groups():
+                    contrib = plan.contributors(g)
+                    want = weighted_average(
+                        [{n: pre[c][n] for n in NAMED[g]} for c in contrib], [sizes[c] for c in contrib]
+                    )
+                    for c in hosted:
+                        for n in NAMED[g]:
+                            err = max(err, (live[c][n].detach() - want[n]).abs().max().item())
+                local_ok = all(
+                    torch.equal(live[c][n].detach(), pre[c][n])
+                    for c in hosted for g in plan.local_groups() for n in NAMED[g]
+                )
+                cases.append({
+                    "case": tag, "k": k, "shared": list(plan.shared_groups()),
+                    "local": list(plan.local_groups()),
+                    "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                    "max_err": err, "local_ok": local_ok, "bytes": stats.bytes,
+                    "collectives": stats.collectives,
+                    "expected_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
+                    "buffer_id": avg._buffer.data_ptr(),
+                })
+    return cases
+
+
+def _bf16_scenario(ctx: fdist.DistContext) -> list[dict]:
+    """bf16 exchange: round 1 in fp32 (no reference yet), rounds 2-3 send the changes in bf16."""
+    cases = []
+    for method in ("full", "usplit"):
+        k = ctx.world_size + 1
+        hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
+        sizes = _sizes(k)
+        avg = Averager(NAMED, sizes, exchange_dtype="bf16")
+        live = {c: {n: torch.zeros(s) for n, s in SHAPES.items()} for c in hosted}
+        glob = None
+        for r in range(1, 4):
+            tag = f"bf16-{method}-{r}"
+            if glob is None:
+                pre = {c: {n: 5.0 + t for n, t in _state(tag, c).items()} for c in range(k)}
+            else:  # "local training" from the identical global model: small changes
+                pre = {c: {n: glob[n] + 1e-3 * t for n, t in _state(tag, c).items()} for c in range(k)}
+            for c in hosted:
+                for n, t in live[c].items():
+                    t.copy_(pre[c][n])
+            plan = plan_round(method, r, k, SEED)
+            stats = avg.sync(plan, live)
+            err = 0.0
+            for g in plan.shared_groups():
+                contrib = plan.contributors(g)
+                want = weighted_average([pre[c] for c in contrib], [sizes[c] for c in contrib])
+                for c in hosted:
+                    for n in NAMED[g]:
+                        err = max(err, (live[c][n] - want[n]).abs().max().item())
+            glob = {n: t.clone() for n, t in live[hosted[0]].items()}
+            cases.append({
+                "case": tag, "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                "max_err": err, "bytes": stats.bytes,
+                "fp32_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
+                "bf16_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "bf16"),
+            })
+    return cases
+
+
+def _helpers_scenario(ctx: fdist.DistContext) -> dict:
+    out: dict = {}
+    rank, w = ctx.rank, ctx.world_size
+    sizes = _sizes(5)
+    out["ints"] = fdist.all_gather_ints([s if c % w == rank else None for c, s in enumerate(sizes)])
+    for name, values in (("conflict", [rank, 1]), ("empty", [1, None])):
+        try:
+            fdist.all_gather_ints(values)
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = str(e)
+    # mixed dtypes, odd byte lengths, a 0-dim tensor: one byte-level broadcast makes them rank 0's
+    g = torch.Generator().manual_seed(100 + rank)
+    tensors = [
+        torch.randn(3, 2, generator=g),
+        torch.randn(3, generator=g).bfloat16(),
+        torch.tensor(rank * 7 + 1, dtype=torch.int64),
+        torch.randn(2, generator=g).double(),
+    ]
+    fdist.broadcast_state(tensors)
+    out["broadcast"] = [_sha(t.float() if t.dtype == torch.bfloat16 else t) for t in tensors]
+    out["broadcast_int"] = int(tensors[2])
+    entries = [(n, s, "torch.float32") for n, s in SHAPES.items()]
+    out["signature"] = fdist.check_signature(entries)
+    out["object"] = fdist.broadcast_object({"from": rank} if rank == 0 else None)
+    gathered = fdist.gather_dict({c: f"loss of client {c}" for c in fdist.hosted_clients(rank, w, 5)})
+    out["gathered"] = {str(k): v for k, v in gathered.items()}
+    try:
+        fdist.gather_dict({"same": rank})
+        out["gather_clash"] = "no error"
+    except ValueError as e:
+        out["gather_clash"] = str(e)
+    fdist.barrier()
+    return out
+
+
+def _mismatch_scenario(ctx: fdist.DistContext) -> dict:
+    entries = [("enc.w", (4, 3), "torch.float32"), ("dec.b", (2,), "torch.float32")]
+    if ctx.rank == 1:
+        entries[1] = ("dec.b", (3,), "torch.float32")
+    start = time.monotonic()
+    try:
+        fdist.check_signature(entries)
+        return {"error": None, "seconds": time.monotonic() - start}
+    except fdist.SignatureMismatchError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+
+
+SCENARIOS = {
+    "methods": _methods_scenario,
+    "bf16": _bf16_scenario,
+    "helpers": _helpers_scenario,
+    "mismatch": _mismatch_scenario,
+}
+
+
+def _worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    result: dict = {"rank": rank}
+    try:
+        ctx = fdist.init_distributed(device="cpu", timeout_s=30)
+        result["backend"] = ctx.backend
+        result["world_size"] = ctx.world_size
+        for name in scenarios:
+            result[name] = SCENARIOS[name](ctx)
+    except Exception:
+        result["exception"] = traceback.format_exc()
+    finally:
+        fdist.cleanup()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+# -- test side --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, scenarios: list[str], out_dir: Path, timeout_s: float = 75.0) -> list[dict]:
+    ctx = mp.start_processes(
+        _worker, args=(world, _free_port(), scenarios, str(out_dir)), nprocs=world, join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish {scenarios} within {timeout_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    for res in results:
+        assert "exception" not in res, res["exception"]
+        assert res["backend"] == "gloo" and res["world_size"] == world
+    return results
+
+
+def _check_methods(results: list[dict], world: int) -> None:
+    per_rank = [res["methods"] for res in results]
+    n_cases = len(per_rank[0])
+    assert n_cases == len(METHODS) * len(range(max(2, world), 6)) * 3
+    for i in range(n_cases):
+        cases = [pr[i] for pr in per_rank]
+        case = cases[0]
+        assert all(c["case"] == case["case"] for c in cases)
+        hashes: dict[str, dict[str, str]] = {}
+        for c in cases:
+            hashes.update(c["hashes"])
+            assert c["max_err"] < 1e-6, case["case"]
+            assert c["local_ok"], case["case"]
+            assert c["collectives"] == 1 and c["bytes"] == c["expected_bytes"] > 0, case["case"]
+        assert sorted(hashes, key=int) == [str(k) for k in range(case["k"])]  # every client hosted once
+        for g in case["shared"]:
+            for n in NAMED[g]:
+                # bit-identical on every client of every rank
+                assert len({h[n] for h in hashes.values()}) == 1, (case["case"], n)
+        for g in case["local"]:
+            for n in NAMED[g]:
+                assert len({h[n] for h in hashes.values()}) == case["k"], (case["case"], n)  # still personal
+    # the three rounds of one run reuse one buffer
+    for pr in per_rank:
+        for j in range(0, n_cases, 3):
+            assert pr[j]["buffer_id"] == pr[j + 1]["buffer_id"] == pr[j + 2]["buffer_id"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_two_ranks(tmp_path):
+    results = _spawn(2, ["helpers", "methods", "bf16"], tmp_path)
+    _check_methods(results, 2)
+
+    h0, h1 = results[0]["helpers"], results[1]["helpers"]
+    assert h0["ints"] == h1["ints"] == _sizes(5)
+    for h in (h0, h1):
+        assert "slot 0" in h["conflict"] and "differently" in h["conflict"]
+        assert "slot 1" in h["empty"] and "not filled" in h["empty"]
+    assert h0["broadcast"] == h1["broadcast"] and h1["broadcast_int"] == 1
+    assert h0["signature"] == h1["signature"]
+    assert h0["object"] == h1["object"] == {"from": 0}
+    assert h0["gathered"] == h1["gathered"] == {str(c): f"loss of client {c}" for c in range(5)}
+    assert "'same'" in h0["gather_clash"] and h0["gather_clash"] == h1["gather_clash"]
+
+    b0, b1 = results[0]["bf16"], results[1]["bf16"]
+    for c0, c1 in zip(b0, b1, strict=True):
+        hashes = {**c0["hashes"], **c1["hashes"]}
+        assert len({json.dumps(h, sort_keys=True) for h in hashes.values()}) == 1  # whole model identical
+        first = c0["case"].endswith("-1")
+        assert c0["bytes"] == c1["bytes"] == (c0["fp32_bytes"] if first else c0["bf16_bytes"])
+        # round 1 exact; then bf16 error relative to changes of ~1e-3, far below bf16 of values near 5
+        assert c0["max_err"] < (1e-6 if first else 5e-5) and c1["max_err"] < (1e-6 if first else 5e-5)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_three_ranks(tmp_path):
+    results = _spawn(3, ["methods"], tmp_path)
+    _check_methods(results, 3)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(60)
+def test_signature_mismatch_raises_on_every_rank(tmp_path):
+    start = time.monotonic()
+    results = _spawn(2, ["mismatch"], tmp_path, timeout_s=30)
+    messages = [res["mismatch"]["error"] for res in results]
+    assert all(m is not None for m in messages), messages
+    assert messages[0] == messages[1]
+    assert "rank(s) [1]" in messages[0] and "dec.b" in messages[0] and "(3,)" in messages[0]
+    assert all(res["mismatch"]["seconds"] < 5 for res in results)
+    assert time.monotonic() - start < 30
