@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.rendezvous import rendezvous
 
 
 class SignatureMismatchError(RuntimeError):
@@ -90,9 +91,14 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        # torchrun --max-restarts keeps one rendezvous store across restarts of the group: without a
+        # per-attempt prefix the restarted ranks read the dead ranks' gloo/NCCL addresses from the
+        # previous attempt and fail with "Connection refused" (pytorch/pytorch#167288).
+        store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout_s)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            store=dist.PrefixStore(f"fedrun/attempt{attempt}", store),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),

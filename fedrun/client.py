@@ -1,0 +1,210 @@
+"""Local training of one client. No collectives here: averaging belongs to fedrun.averaging.
+
+A rank owns one working ``nn.Module``; each client it hosts keeps its own parameter tensors,
+EMA, optimiser state and data position. Training a client swaps its tensors into the working
+module with ``copy_`` (no reallocation), trains, and copies them back. A rank hosting a single
+client aliases the module's own parameters and copies nothing.
+
+Randomness is derived, not carried: the data order of local epoch e of client k and the noise of
+round r of client k come from generators seeded by (seed, k, e) and (seed, k, r). A resumed run
+therefore replays exactly the same batches and noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from unet import EMA, GaussianDiffusion
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python versions)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class ClientState:
+    """Everything that makes client k resumable."""
+
+    cid: int
+    params: dict[str, torch.Tensor]
+    images: torch.Tensor  # uint8 [N, C, H, W], on the training device
+    ema: EMA | None = None
+    opt_state: dict[str, dict[str, torch.Tensor]] | None = None
+    epoch: int = 0  # local epoch the next batch comes from
+    offset: int = 0  # examples of that epoch's permutation already used
+    last_loss: float = float("nan")
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+    # -- checkpoint state (tensors and plain values only: loadable with weights_only=True) -------
+    def state_dict(self) -> dict:
+        return {
+            "cid": self.cid,
+            "params": {n: t.detach().cpu().clone() for n, t in self.params.items()},
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "opt_state": self.opt_state,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "last_loss": self.last_loss,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["cid"] != self.cid:
+            raise ValueError(f"checkpoint holds client {sd['cid']}, expected {self.cid}")
+        with torch.no_grad():
+            for n, t in self.params.items():
+                t.copy_(sd["params"][n])
+        if self.ema is not None and sd["ema"] is not None:
+            self.ema.load_state_dict(sd["ema"])
+        self.opt_state = sd["opt_state"]
+        self.epoch, self.offset, self.last_loss = sd["epoch"], sd["offset"], sd["last_loss"]
+
+
+@dataclass
+class StepConfig:
+    lr: float
+    batch_size: int
+    local_epochs: float
+    max_local_steps: int | None
+    keep_opt_state: bool
+    amp_dtype: torch.dtype | None  # None = fp32
+    seed: int
+
+
+@dataclass
+class RoundResult:
+    loss_sum: float
+    steps: int
+    images: int
+    extra: dict = field(default_factory=dict)
+
+
+def local_steps(size: int, batch_size: int, local_epochs: float, cap: int | None) -> int:
+    """Optimiser steps of one client in one round: E epochs of ceil(N / B) batches, capped."""
+    steps = max(1, math.ceil(local_epochs * math.ceil(size / batch_size)))
+    return min(steps, cap) if cap else steps
+
+
+class LocalTrainer:
+    """Trains hosted clients one after the other on one working module."""
+
+    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, step: StepConfig,
+                 device: torch.device, alias_client: int | None = None) -> None:
+        self.model = model
+        self.diffusion = diffusion
+        self.cfg = step
+        self.device = device
+        self.alias_client = alias_client
+        self.names = [n for n, _ in model.named_parameters()]
+        self._param = dict(model.named_parameters())
+
+    # -- state swapping -------------------------------------------------------------------------
+    def new_client_params(self, cid: int) -> dict[str, torch.Tensor]:
+        """Client storage: the module's own tensors when aliased, else a copy."""
+        if cid == self.alias_client:
+            return {n: p.data for n, p in self._param.items()}
+        return {n: p.detach().clone() for n, p in self._param.items()}
+
+    @torch.no_grad()
+    def load(self, client: ClientState) -> None:
+        if client.cid != self.alias_client:
+            for n, p in self._param.items():
+                p.copy_(client.params[n])
+
+    @torch.no_grad()
+    def store(self, client: ClientState) -> None:
+        if client.cid != self.alias_client:
+            for n, p in self._param.items():
+                client.params[n].copy_(p)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _batch_indices(self, client: ClientState) -> torch.Tensor:
+        """Next batch of client's data order; epochs are permutations seeded by (seed, k, e)."""
+        n, b = client.size, self.cfg.batch_size
+        if client.offset >= n:
+            client.epoch, client.offset = client.epoch + 1, 0
+        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, 1, client.cid, client.epoch))
+        perm = torch.randperm(n, generator=g, device=self.device)
+        idx = perm[client.offset: client.offset + b]
+        client.offset += b
+        return idx
+
+    # -- one round ------------------------------------------------------------------------------
+    def train_round(self, client: ClientState, rnd: int, trainable: set[str] | None = None) -> RoundResult:
+        """Train `client` for one round. `trainable`: parameter names to optimise (None = all)."""
+        self.load(client)
+        model = self.model
+        model.train()
+        names = [n for n in self.names if trainable is None or n in trainable]
+        for n, p in self._param.items():
+            p.requires_grad_(trainable is None or n in trainable)
+        params = [self._param[n] for n in names]
+        opt = torch.optim.Adam(params, lr=self.cfg.lr, **_fused_kwargs(self.device))
+        if self.cfg.keep_opt_state and client.opt_state:
+            _load_opt_state(opt, {n: self._param[n] for n in names}, client.opt_state)
+
+        # Noise, timesteps and dropout of (client, round) come from seeds, not carried state.
+        rseed = derive_seed(self.cfg.seed, 2, client.cid, rnd)
+        torch.manual_seed(rseed)
+        gen = torch.Generator(device=self.device).manual_seed(rseed)
+        steps = local_steps(client.size, self.cfg.batch_size, self.cfg.local_epochs, self.cfg.max_local_steps)
+        loss_sum = torch.zeros((), device=self.device)
+        seen = 0
+        amp = (torch.autocast(self.device.type, dtype=self.cfg.amp_dtype)
+               if self.cfg.amp_dtype is not None else contextlib.nullcontext())
+        for _ in range(steps):
+            idx = self._batch_indices(client)
+            # uint8 [B, C, H, W] -> float in [-1, 1]
+            x0 = client.images[idx].float().div_(127.5).sub_(1.0)
+            if self.device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with amp:
+                loss = self.diffusion.training_loss(model, x0, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if client.ema is not None:
+                client.ema.update(model)
+            loss_sum += loss.detach().float()  # no host sync inside the loop
+            seen += int(idx.shape[0])
+        if self.cfg.keep_opt_state:
+            client.opt_state = _save_opt_state(opt, {n: self._param[n] for n in names})
+        for p in self._param.values():
+            p.requires_grad_(True)
+        self.store(client)
+        total = float(loss_sum.item())
+        client.last_loss = total / steps
+        return RoundResult(loss_sum=total, steps=steps, images=seen)
+
+
+def _fused_kwargs(device: torch.device) -> dict:
+    # fused Adam: one kernel for all parameters on GPU; foreach (the default) on CPU.
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def _save_opt_state(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) -> dict:
+    out = {}
+    for n, p in named.items():
+        st = opt.state.get(p)
+        if st:
+            out[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else torch.tensor(v))
+                      for k, v in st.items()}
+    return out
+
+
+def _load_opt_state(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter], state: dict) -> None:
+    # Keyed by parameter name, so a different trainable set (USplit 'assigned') still lines up.
+    for n, p in named.items():
+        if n in state:
+            opt.state[p] = {k: v.to(p.device) if k != "step" else v.clone() for k, v in state[n].items()}

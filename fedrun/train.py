@@ -1,0 +1,313 @@
+"""The federated training run: one function, the same under plain python, torchrun and Slurm.
+
+Data flow of one round r (1-based)::
+
+    every hosted client: local training (fedrun.client)          -> no communication
+    averager.sync(plan_r, hosted client parameters)              -> one all-reduce (fedrun.averaging)
+    gather per-client losses to rank 0, log, checkpoint           -> rank 0 writes shared files,
+                                                                     every rank its own clients
+
+Starting the same command on the same run directory resumes from the newest intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedrun import checkpoint as ckpt
+from fedrun import dist
+from fedrun.averaging import Averager
+from fedrun.build import build_diffusion, build_model, image_shape
+from fedrun.client import ClientState, LocalTrainer, StepConfig, derive_seed, local_steps
+from fedrun.comm import CommLog, paper_round_count
+from fedrun.config import ConfigError, RunConfig
+from fedrun.data import load_client_data
+from fedrun.methods import METHODS, plan_round, trainable_groups
+from fedrun.progress import Progress
+from fedrun.tracking import NullTracker, TensorBoardTracker
+from unet import EMA, GROUPS, parameter_groups
+
+# Fields that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = {
+    "data.root", "data.download", "federation.rounds", "out_dir", "name", "checkpoint_every",
+    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "device",
+    "dist_timeout_s", "preset", "optim.compile", "optim.amp",
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Fields that differ and are not allowed to change across a resume, as 'field (a -> b)'."""
+    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    return [f"{k} ({a[k]!r} -> {b[k]!r})" for k in sorted(a)
+            if k not in RESUMABLE_CHANGES and _norm(a[k]) != _norm(b.get(k))]
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def shared_group_union(method: str, num_clients: int, seed: int) -> list[str]:
+    """Groups the method ever exchanges (signature-checked at start)."""
+    groups: set[str] = set()
+    for r in range(1, 3):
+        groups |= set(plan_round(method, r, num_clients, seed).shared_groups())
+    return [g for g in GROUPS if g in groups]
+
+
+def amp_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    mode = cfg.optim.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if mode == "bf16" else None
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run (or resume) the federated training described by `cfg`; returns the run directory."""
+    if cfg.federation.method not in METHODS:
+        raise ConfigError(f"invalid federation.method={cfg.federation.method!r}")
+    ctx = dist.init_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        dist.cleanup()
+
+
+def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
+    run_dir = cfg.run_dir()
+    fed = cfg.federation
+    K = fed.clients
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if ctx.is_main else (lambda m: None)
+
+    # -- run directory: refuse an incompatible resume before anything is built -------------------
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        diffs = config_differences(RunConfig.from_json(cfg_path.read_text()), cfg)
+        if diffs:
+            raise ConfigError(f"cannot resume {run_dir}: its config differs in " + ", ".join(diffs)
+                              + "; choose another --name/--out-dir")
+    done = run_dir / "DONE"
+    if done.exists() and json.loads(done.read_text()).get("rounds") == fed.rounds:
+        log(f"fedrun: {run_dir} already finished {fed.rounds} rounds; nothing to do")
+        return run_dir
+    if ctx.is_main:
+        (run_dir / "models").mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_bytes(cfg_path, cfg.to_json().encode())
+        done.unlink(missing_ok=True)
+    dist.barrier()
+
+    # -- clients, data, model ------------------------------------------------------------------
+    device = ctx.device
+    hosted = dist.hosted_clients(ctx.rank, ctx.world_size, K)
+    data, sizes = load_client_data(cfg.data, K, hosted, fed.seed)
+    sizes = dist.all_gather_ints([sizes[k] if k in hosted else None for k in range(K)]
+                                 if sizes is not None else [None] * K)
+    channels, size = image_shape(cfg)
+    for k in hosted:
+        if tuple(data[k].images.shape[1:]) != (channels, size, size):
+            raise ConfigError(f"client {k}'s images are {tuple(data[k].images.shape[1:])}, the model "
+                              f"expects {(channels, size, size)}: set data.image_size")
+
+    torch.manual_seed(derive_seed(fed.seed, 0))  # identical initial model on every rank
+    model = build_model(cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = build_diffusion(cfg)
+    groups = parameter_groups(model)
+    shared = shared_group_union(fed.method, K, fed.seed)
+    named = dict(model.named_parameters())
+    dist.check_signature([(n, tuple(named[n].shape), str(named[n].dtype)) for g in shared for n in groups[g]])
+    # All clients start from the same full model (the paper), so broadcast everything once.
+    dist.broadcast_state([p.data for p in model.parameters()])
+
+    step_cfg = StepConfig(lr=cfg.optim.lr, batch_size=cfg.optim.batch_size, local_epochs=fed.local_epochs,
+                          max_local_steps=fed.max_local_steps, keep_opt_state=cfg.optim.keep_state,
+                          amp_dtype=amp_dtype(cfg, device), seed=fed.seed)
+    trainer = LocalTrainer(model, diffusion, step_cfg, device,
+                           alias_client=hosted[0] if len(hosted) == 1 else None)
+    clients: dict[int, ClientState] = {}
+    for k in hosted:
+        clients[k] = ClientState(
+            cid=k, params=trainer.new_client_params(k), images=data[k].images.to(device),
+            ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
+    del data
+
+    averager = Averager(groups, sizes, exchange_dtype=fed.exchange_dtype)
+    group_sizes = {g: sum(named[n].numel() for n in groups[g]) for g in GROUPS}
+
+    # -- resume ----------------------------------------------------------------------------------
+    start_round, counters = 0, {"paper_params_cum": 0, "bytes_cum": 0}
+    found = dist.broadcast_object(ckpt.find_resumable(run_dir) if ctx.is_main else None)
+    if found is not None:
+        start_round, rdir = found
+        shared_state = ckpt.safe_load(Path(rdir) / "shared.pt")
+        counters = shared_state["counters"]
+        for k in hosted:
+            clients[k].load_state_dict(ckpt.safe_load(ckpt.client_file(Path(rdir), k), map_location=device))
+        trainer.load(clients[hosted[0]])
+        log(f"fedrun: resuming {run_dir} after round {start_round} of {fed.rounds}")
+    comm_log = CommLog(run_dir / "comm.jsonl" if ctx.is_main else None, truncate_after=start_round,
+                       paper_params_cum=counters["paper_params_cum"], bytes_cum=counters["bytes_cum"])
+    tracker = (TensorBoardTracker(run_dir / "tb", purge_step=start_round + 1) if ctx.is_main
+               else NullTracker())
+    steps_per_round = {k: local_steps(c.size, step_cfg.batch_size, fed.local_epochs, fed.max_local_steps)
+                       for k, c in clients.items()}
+    progress = Progress(total_rounds=fed.rounds, start_round=start_round, enabled=ctx.is_main,
+                        steps_per_round=sum(steps_per_round.values()))
+    if start_round == 0:
+        log(f"fedrun: {fed.method} | {K} clients on {ctx.world_size} rank(s) | sizes {sizes} | "
+            f"{sum(group_sizes.values()):,} parameters | run dir {run_dir}")
+
+    # -- rounds ----------------------------------------------------------------------------------
+    for rnd in range(start_round + 1, fed.rounds + 1):
+        plan = plan_round(fed.method, rnd, K, fed.seed)
+        t0 = time.perf_counter()
+        losses: dict[int, float] = {}
+        images = 0
+        for k in hosted:
+            trainable = None
+            if fed.method == "usplit" and fed.usplit_train == "assigned":
+                trainable = {n for g in trainable_groups(plan, k, fed.usplit_train) for n in groups[g]}
+            res = trainer.train_round(clients[k], rnd, trainable)
+            losses[k] = res.loss_sum / res.steps
+            images += res.images
+            progress.advance_steps(res.steps)
+        t_compute = time.perf_counter() - t0
+        stats = averager.sync(plan, {k: clients[k].params for k in hosted})
+        trainer.load(clients[hosted[0]])
+        t_sync = time.perf_counter() - t0 - t_compute
+
+        paper = paper_round_count(plan, group_sizes, first_round=(rnd == 1))
+        all_losses = dist.gather_dict(losses)
+        all_images = sum(dist.gather_dict({ctx.rank: images}).values())
+        bytes_all = sum(dist.gather_dict({ctx.rank: stats.bytes}).values())
+        row = comm_log.append(rnd, paper_params=paper, bytes_moved=stats.bytes, sync_seconds=t_sync)
+        if ctx.is_main:
+            mean_loss = float(np.mean(list(all_losses.values())))
+            for k, v in sorted(all_losses.items()):
+                tracker.scalar(f"client/{k}/loss", v, rnd)
+            tracker.scalar("round/loss", mean_loss, rnd)
+            tracker.scalar(f"comm/paper_params_cum/{fed.method}", row["paper_params_cum"], rnd)
+            tracker.scalar(f"comm/bytes_cum/{fed.method}", row["bytes_cum"], rnd)
+            tracker.scalar("comm/bytes_all_ranks", bytes_all, rnd)
+            tracker.scalar("time/compute_s", t_compute, rnd)
+            tracker.scalar("time/sync_s", t_sync, rnd)
+            tracker.scalar("throughput/images_per_s", all_images / max(t_compute + t_sync, 1e-9), rnd)
+        progress.end_round(rnd, loss=float(np.mean(list(all_losses.values()))),
+                           images_per_s=all_images / max(t_compute + t_sync, 1e-9), sync_s=t_sync)
+
+        if cfg.sample_every and rnd % cfg.sample_every == 0 and rnd != fed.rounds:
+            _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir)
+        if rnd % cfg.checkpoint_every == 0 or rnd == fed.rounds:
+            _checkpoint(run_dir, rnd, cfg, ctx, clients, comm_log)
+        tracker.flush()
+
+    # -- end: models for evaluation, sample grids, DONE -----------------------------------------
+    _save_models(cfg, ctx, model, trainer, clients, hosted, averager, run_dir)
+    _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, fed.rounds, run_dir,
+                 final=True)
+    tracker.close()
+    progress.close()
+    dist.barrier()
+    if ctx.is_main:
+        ckpt.atomic_write_bytes(run_dir / "DONE", json.dumps({"rounds": fed.rounds,
+                                                              "time": time.time()}).encode())
+        log(f"fedrun: done; outputs in {run_dir} (tensorboard --logdir {run_dir / 'tb'})")
+    return run_dir
+
+
+def _checkpoint(run_dir: Path, rnd: int, cfg: RunConfig, ctx: dist.DistContext,
+                clients: dict[int, ClientState], comm_log: CommLog) -> None:
+    rdir = ckpt.round_dir(run_dir, rnd)
+    for k, c in clients.items():
+        ckpt.atomic_save(c.state_dict(), ckpt.client_file(rdir, k))
+    if ctx.is_main:
+        ckpt.atomic_save({"round": rnd, "config": cfg.to_json(), "counters": comm_log.counters()},
+                         rdir / "shared.pt")
+    dist.barrier()  # every client file is on disk before the round is declared complete
+    if ctx.is_main:
+        ckpt.finalize(run_dir, rnd, cfg.federation.clients, cfg.keep_checkpoints)
+    dist.barrier()
+
+
+def personalised(method: str) -> bool:
+    """UDec/ULatDec leave one model per client (encoder stays local)."""
+    return method in ("udec", "ulatdec")
+
+
+def _save_models(cfg, ctx, model, trainer, clients, hosted, averager, run_dir: Path) -> None:
+    """Evaluation hook: models/global.pt (FULL/USplit) or models/client{k}.pt (UDec/ULatDec).
+
+    EMA: each client's EMA follows its own local steps and is never exchanged during training.
+    At the end the EMA copies are averaged once with the method's rule (FULL/USplit: every group
+    over every client -> global_ema.pt; UDec/ULatDec: the shared groups), so the saved EMA model
+    has the same structure as the raw one.
+    """
+    method = cfg.federation.method
+    K = cfg.federation.clients
+    if cfg.optim.ema_decay:
+        ema_method = method if personalised(method) else "full"
+        ema_plan = plan_round(ema_method, cfg.federation.rounds, K, cfg.federation.seed)
+        ema_params = {k: clients[k].ema.shadow for k in hosted}
+        averager.sync(ema_plan, ema_params)
+    if personalised(method):
+        for k in hosted:
+            ckpt.atomic_save({n: t.detach().cpu() for n, t in clients[k].params.items()},
+                             run_dir / "models" / f"client{k}.pt")
+            if clients[k].ema is not None:
+                ckpt.atomic_save({n: t.cpu() for n, t in clients[k].ema.shadow.items()},
+                                 run_dir / "models" / f"client{k}_ema.pt")
+    elif ctx.is_main:
+        c = clients[hosted[0]]  # after a full-model sync every client holds the global model
+        ckpt.atomic_save({n: t.detach().cpu() for n, t in c.params.items()}, run_dir / "models" / "global.pt")
+        if c.ema is not None:
+            ckpt.atomic_save({n: t.cpu() for n, t in c.ema.shadow.items()}, run_dir / "models" / "global_ema.pt")
+    dist.barrier()
+
+
+@torch.no_grad()
+def _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir,
+                 final: bool = False) -> None:
+    """Sample grids: the global model on rank 0, or every client's model (UDec/ULatDec)."""
+    from torchvision.utils import make_grid, save_image
+
+    channels, size = image_shape(cfg)
+    n = cfg.num_samples
+    who = hosted if personalised(cfg.federation.method) else ([hosted[0]] if ctx.is_main else [])
+    grids: dict[int, np.ndarray] = {}
+    # Keep the working module's tensors: they may be a client's own (aliased) parameters.
+    stash = [p.detach().clone() for p in model.parameters()]
+    for k in who:
+        trainer.load(clients[k])
+        if clients[k].ema is not None:
+            clients[k].ema.copy_to(model)
+        model.eval()
+        g = torch.Generator(device=ctx.device).manual_seed(derive_seed(cfg.federation.seed, 3, k))
+        x = diffusion.sample(model, (n, channels, size, size), ctx.device, steps=cfg.sample_steps,
+                             generator=g)
+        grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
+        grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        if final:
+            name = f"final_client{k}.png" if personalised(cfg.federation.method) else "final.png"
+            save_image(grid, run_dir / "samples" / name)
+    for p, saved in zip(model.parameters(), stash, strict=True):
+        p.data.copy_(saved)
+    all_grids = dist.gather_dict(grids)
+    if ctx.is_main:
+        for k, img in sorted(all_grids.items()):
+            tag = f"samples/client{k}" if personalised(cfg.federation.method) else "samples/global"
+            tracker.image(tag, img, rnd)

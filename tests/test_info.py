@@ -1,0 +1,29 @@
+import json
+import subprocess
+import sys
+
+from fedrun.cli import main
+
+P, E, M, U = 2_996_315, 1_280_642, 999_376, 716_297
+
+
+def test_info_json_matches_the_papers_counts(capsys):
+    assert main(["info", "--preset", "paper-fmnist", "--clients", "5", "--rounds", "15", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"] == {"total": P, "encoder": E, "bottleneck": M, "decoder": U}
+    K, R = 5, 15
+    assert d["comm"]["full"] == 2 * P * R * K == 449_447_250
+    assert d["comm"]["udec"] == K * (P + U + 2 * U * (R - 1))
+    assert d["comm"]["ulatdec"] == K * (P + (U + M) + 2 * (U + M) * (R - 1)) == 263_754_160
+    assert d["comm"]["usplit"] == [340_348_170, 348_813_345]
+    # one flat fp32 buffer: the shared parameters plus one denominator slot per shared group
+    assert d["bytes_per_round_per_rank"]["udec"]["fp32"] == 4 * (U + 1)
+    assert d["bytes_per_round_per_rank"]["full"]["bf16"] * 2 == d["bytes_per_round_per_rank"]["full"]["fp32"]
+
+
+def test_info_text_and_bad_value():
+    p = subprocess.run([sys.executable, "-m", "fedrun", "info", "--preset", "paper-fmnist", "--clients", "2"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "179.78 x 10^6" in p.stdout and "2,996,315 parameters" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "fedrun", "info", "--method", "fedsgd"], capture_output=True, text=True)
+    assert p.returncode == 2 and "federation.method='fedsgd'" in p.stderr and "Traceback" not in p.stderr
