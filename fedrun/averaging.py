@@ -198,13 +198,13 @@ class Averager:
                     continue
                 w = self.weights[k]
                 local_den += w
-                for n in names:
-                    p = client_params[k][n].detach()
-                    if delta:
-                        # (theta_k - ref) first, in fp32: small changes survive the bf16 cast.
-                        self._views[n].add_(p.to(torch.float32) - self._reference[n], alpha=w)
-                    else:
-                        self._views[n].add_(p, alpha=w)
+                # One multi-tensor kernel per (group, client), not one per parameter.
+                views = [self._views[n] for n in names]
+                params = [client_params[k][n].detach() for n in names]
+                if delta:
+                    # (theta_k - ref) first, in fp32: small changes survive the bf16 cast.
+                    params = torch._foreach_sub([q.float() for q in params], [self._reference[n] for n in names])
+                torch._foreach_add_(views, params, alpha=w)
             buf[offset + i] = local_den
 
         nbytes, ncoll = self._all_reduce(buf)
@@ -223,18 +223,18 @@ class Averager:
             seg = buf[lo:hi]
             # Same tensor, same divisor on every rank -> bit-identical result everywhere.
             seg.div_(expected[i] if self.exchange_dtype == "bf16" else dens[i])
-            for n in names:
-                v = self._views[n]
-                if delta:
-                    v.add_(self._reference[n])
-                if self.exchange_dtype == "bf16":
+            views = [self._views[n] for n in names]
+            if delta:
+                torch._foreach_add_(views, [self._reference[n] for n in names])
+            if self.exchange_dtype == "bf16":
+                for n, v in zip(names, views, strict=True):
                     ref = self._reference.get(n)
                     if ref is not None and ref.shape == v.shape:
                         ref.copy_(v)
                     else:
                         self._reference[n] = v.to(torch.float32, copy=True)
-                for k in hosted:
-                    client_params[k][n].copy_(v)
+            for k in hosted:
+                torch._foreach_copy_([client_params[k][n] for n in names], views)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         return SyncStats(nbytes, time.perf_counter() - start, ncoll, shared)

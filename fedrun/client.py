@@ -80,6 +80,7 @@ class StepConfig:
     keep_opt_state: bool
     amp_dtype: torch.dtype | None  # None = fp32
     seed: int
+    compile: bool = False
 
 
 @dataclass
@@ -106,6 +107,8 @@ class LocalTrainer:
         self.cfg = step
         self.device = device
         self.alias_client = alias_client
+        # torch.compile wraps the same module: parameters are shared, swapping clients still works.
+        self.step_model = torch.compile(model) if step.compile else model
         self.names = [n for n, _ in model.named_parameters()]
         self._param = dict(model.named_parameters())
 
@@ -166,11 +169,9 @@ class LocalTrainer:
         for _ in range(steps):
             idx = self._batch_indices(client)
             # uint8 [B, C, H, W] -> float in [-1, 1]
-            x0 = client.images[idx].float().div_(127.5).sub_(1.0)
-            if self.device.type == "cuda":
-                x0 = x0.contiguous(memory_format=torch.channels_last)
+            x0 = client.images[idx].float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
             with amp:
-                loss = self.diffusion.training_loss(model, x0, generator=gen)
+                loss = self.diffusion.training_loss(self.step_model, x0, generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -207,4 +208,6 @@ def _load_opt_state(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter], 
     # Keyed by parameter name, so a different trainable set (USplit 'assigned') still lines up.
     for n, p in named.items():
         if n in state:
-            opt.state[p] = {k: v.to(p.device) if k != "step" else v.clone() for k, v in state[n].items()}
+            # Adam keeps `step` on the CPU unless fused/capturable, which want it on the parameter's device.
+            fused = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
+            opt.state[p] = {k: v.to(p.device) if (k != "step" or fused) else v.clone() for k, v in state[n].items()}

@@ -1,0 +1,78 @@
+"""Smoke tests of the benchmark scripts: each runs once with its smallest settings, as a subprocess through
+its real command line, and writes JSON with the expected keys and positive ratios.
+
+No timing assertions: the numbers of a --quick run on a shared CPU mean nothing; BENCHMARKS.md has the real
+ones. The three runs together take well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(module: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{module}.json"
+    # One thread: spinning OpenMP threads on a busy 2-core machine (CI, parallel tests) crawl.
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--device", "cpu", "--json", str(out),
+           *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert "PASS" in p.stdout or "FAIL" in p.stdout, p.stdout  # one line per target
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == module
+    assert {"cpu", "cpu_cores", "date", "torch", "device"} <= set(doc["device"])
+    assert doc["results"], "no results"
+    assert doc["ratios"], "no ratios"
+    for name, r in doc["ratios"].items():
+        assert isinstance(r, float) and math.isfinite(r) and r > 0, (name, r)
+    for t in doc["targets"]:
+        assert {"name", "value", "op", "limit", "passed"} <= set(t)
+        assert isinstance(t["passed"], bool)
+    return doc
+
+
+def test_bench_step(tmp_path):
+    doc = run_bench("bench_step", tmp_path, "--archs", "paper-unet", "--ema", "0.999")
+    modes = {(r["arch"], r["mode"]) for r in doc["results"]}
+    assert modes == {("paper-unet", m) for m in ("eager-fp32", "optimised", "optimised+ema")}
+    assert all(r["img_per_s"] > 0 for r in doc["results"])
+    assert doc["ratios"]["paper-unet/eager-fp32"] == 1.0
+    (target,) = doc["targets"]  # on CPU: the optimised step is not slower than eager fp32
+    assert "paper-unet" in target["name"] and target["op"] == ">="
+
+
+@pytest.mark.multiproc
+def test_bench_sync(tmp_path):
+    doc = run_bench("bench_sync", tmp_path)
+    assert set(doc["ratios"]) == {f"{m}/{d}" for m in ("full", "usplit", "ulatdec", "udec")
+                                  for d in ("fp32", "bf16")}
+    assert doc["config"]["backend"] == "gloo" and doc["config"]["world_size"] == 2
+    for r in doc["results"]:
+        assert r["bytes"] == r["flat_bytes"] > 0
+        assert min(r["sync_median_s"], r["flat_median_s"], r["local_median_s"]) > 0
+    assert len(doc["targets"]) == 8
+
+
+@pytest.mark.multiproc
+def test_bench_bytes(tmp_path):
+    doc = run_bench("bench_bytes", tmp_path)
+    ratios = doc["ratios"]
+    assert ratios["paper-unet/full/fp32"] == 1.0
+    assert ratios["paper-unet/full/bf16"] == pytest.approx(0.5, rel=1e-6)
+    assert ratios["paper-unet/udec/fp32"] < ratios["paper-unet/ulatdec/fp32"] < 1.0
+    # The real syncs handed exactly the computed bytes to the collective.
+    assert all(r["match"] for r in doc["results"])
+    assert all(t["passed"] for t in doc["targets"])
