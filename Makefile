@@ -12,7 +12,7 @@ install:
 	$(PY) -m pip install -q -e '.[dev]'
 
 quickstart: install
-	fedrun train --preset quickstart --data-root "$(DATA)" --download --out-dir runs --name quickstart
+	$(PY) -m fedrun train --preset quickstart --data-root "$(DATA)" --download --out-dir runs --name quickstart
 
 test: install
 	@bash slurm/start_cluster.sh || echo "make test: Slurm could not be started here; Slurm tests will be skipped"
