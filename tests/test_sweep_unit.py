@@ -269,6 +269,9 @@ def test_export_distributed_env_from_slurm_variables(monkeypatch):
                  "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
                  "MASTER_PORT": "1", "RANK": "0", "SUBMITIT_EXECUTOR": "slurm"}.items():
         monkeypatch.setenv(k, v)
+    # export_distributed_env writes these: register them so monkeypatch removes them afterwards
+    for k in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(k, "placeholder")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)

@@ -24,7 +24,9 @@ TINY = ["--preset", "tiny", "--seed", "7"]
 
 
 def _env(repo_root: Path) -> dict:
-    env = dict(os.environ)
+    # A run of its own: no process-group variables inherited from the test process.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(repo_root) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env

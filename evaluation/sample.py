@@ -1,0 +1,208 @@
+"""Sampling for evaluation: batched DDPM/DDIM, spread over ranks, saved as PNG grids and uint8 .npz.
+
+Seeding is per batch, not per rank: batch i (images i*B .. (i+1)*B-1) draws all its noise from a
+generator seeded with (seed, i). Rank r samples batches r, r+W, r+2W, ...; the batches are gathered and
+put back in order. So the images depend on (seed, batch size), not on how many ranks drew them: one GPU
+and eight GPUs give the same samples (up to the device's arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from evaluation.fid import EvalError, progress_bar
+
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50
+WEIGHT_KINDS = ("raw", "ema")
+
+
+def sampler_steps(sampler: str, steps: int | None) -> int | None:
+    """What ``GaussianDiffusion.sample`` takes: None for ancestral DDPM over all T steps, else DDIM steps."""
+    if sampler not in SAMPLERS:
+        raise EvalError(f"invalid sampler={sampler!r}: allowed: {', '.join(SAMPLERS)}")
+    if sampler == "ddpm":
+        if steps is not None:
+            raise EvalError("--steps applies to --sampler ddim; ddpm always runs all T steps")
+        return None
+    steps = DEFAULT_DDIM_STEPS if steps is None else int(steps)
+    if steps < 1:
+        raise EvalError(f"invalid steps={steps}: allowed: >= 1")
+    return steps
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Independent 63-bit seed of batch ``index`` under ``seed`` (numpy SeedSequence mixing)."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Model range [-1, 1] -> uint8 0..255 (clamped, rounded): what a PNG of the sample holds."""
+    return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def sample_images(
+    model: nn.Module,
+    diffusion,
+    num_samples: int,
+    image_shape: Sequence[int],
+    *,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    distributed: bool | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """``num_samples`` images, uint8 [N, C, H, W] on the CPU, from ``diffusion.sample`` with ``model``.
+
+    image_shape: (C, H, W). sampler: 'ddpm' (ancestral, all T steps; the paper) or 'ddim' (``steps``,
+    default 50). With a process group (``distributed`` None = use one if initialised) every rank samples
+    its share of the batches and all ranks return the full, ordered set (all_gather). The model is put
+    in eval mode for sampling and its training flag restored afterwards.
+    """
+    ddim_steps = sampler_steps(sampler, steps)
+    if num_samples < 1 or batch_size < 1:
+        raise EvalError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
+    device = torch.device(device)
+    rank, world = _world() if distributed in (None, True) else (0, 1)
+    shape = tuple(int(s) for s in image_shape)
+    num_batches = math.ceil(num_samples / batch_size)
+    mine = list(range(rank, num_batches, world))
+    steps_per_batch = ddim_steps if ddim_steps is not None else int(getattr(diffusion, "num_timesteps", 1))
+    calls = len(mine) * steps_per_batch
+
+    was_training = model.training
+    model.eval()
+    out: list[Tensor] = []
+    # The bar counts network evaluations, on rank 0 only.
+    with progress_bar(calls, "sampling", progress if rank == 0 else False, unit="step") as bar:
+        try:
+            for i in mine:
+                n = min(batch_size, num_samples - i * batch_size)
+                g = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
+                x = diffusion.sample(model, (n, *shape), device, steps=ddim_steps, generator=g,
+                                     progress=lambda *_: bar.update(1))
+                out.append(to_uint8(x).cpu())  # [n, C, H, W] uint8
+        finally:
+            model.train(was_training)
+    local = torch.cat(out) if out else torch.empty((0, *shape), dtype=torch.uint8)
+    if world == 1:
+        return local
+    return _gather_batches(local, mine, num_samples, batch_size, world, shape)
+
+
+def _gather_batches(local: Tensor, mine: list[int], num_samples: int, batch_size: int, world: int,
+                    shape: tuple[int, ...]) -> Tensor:
+    """all_gather every rank's batches (padded to one size) and put them back in batch order."""
+    num_batches = math.ceil(num_samples / batch_size)
+    per_rank = math.ceil(num_batches / world)
+    pad = torch.zeros((per_rank * batch_size, *shape), dtype=torch.uint8)
+    pad[: local.shape[0]] = local
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    if dist.get_backend() == "nccl":
+        pad = pad.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    out = torch.empty((num_samples, *shape), dtype=torch.uint8)
+    for r, part in enumerate(parts):
+        part = part.cpu()
+        for j, i in enumerate(range(r, num_batches, world)):
+            n = min(batch_size, num_samples - i * batch_size)
+            out[i * batch_size : i * batch_size + n] = part[j * batch_size : j * batch_size + n]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+
+def save_npz(images: Tensor, path: str | os.PathLike[str]) -> Path:
+    """uint8 [N, C, H, W] -> .npz with key ``x`` (what ``fedrun fid`` and ``evaluation.fid`` read)."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise EvalError(f"expected uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, x=images.numpy())
+    return path
+
+
+def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64,
+              nrow: int | None = None) -> Path:
+    """PNG grid (torchvision ``save_image``) of the first ``max_images`` uint8 images, square by default."""
+    from torchvision.utils import save_image
+
+    x = images[:max_images].float() / 255.0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, path, nrow=nrow or max(1, math.ceil(math.sqrt(x.shape[0]))), padding=2)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Models of a finished run.
+
+
+def run_model_files(run_dir: str | os.PathLike[str], method: str, num_clients: int,
+                    weights: str | None = None) -> dict[str, list[tuple[str, Path]]]:
+    """{weights kind: [(label, file)]} for a run dir's ``models/``.
+
+    FULL/USplit: one global model, label 'global' (``global.pt`` / ``global_ema.pt``). UDec/ULatDec:
+    one model per client, labels 'client0'.. (``client{k}.pt`` / ``client{k}_ema.pt``).
+    ``weights``: 'raw', 'ema', 'both', or None = both when the EMA files exist, else raw.
+    """
+    models = Path(run_dir) / "models"
+    if method in ("udec", "ulatdec"):
+        labels = [f"client{k}" for k in range(num_clients)]
+    else:
+        labels = ["global"]
+    files = {"raw": [(lb, models / f"{lb}.pt") for lb in labels],
+             "ema": [(lb, models / f"{lb}_ema.pt") for lb in labels]}
+    have_ema = all(p.is_file() for _, p in files["ema"])
+    if weights is None:
+        kinds = ["raw", "ema"] if have_ema else ["raw"]
+    elif weights == "both":
+        kinds = ["raw", "ema"]
+    elif weights in WEIGHT_KINDS:
+        kinds = [weights]
+    else:
+        raise EvalError(f"invalid weights={weights!r}: allowed: raw, ema, both")
+    for kind in kinds:
+        missing = [str(p) for _, p in files[kind] if not p.is_file()]
+        if missing:
+            hint = " (the run was trained without EMA: use --weights raw)" if kind == "ema" else ""
+            raise EvalError(f"missing model file(s) in {models}: {', '.join(missing)}{hint}")
+    return {k: files[k] for k in kinds}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a plain state dict (``torch.save``'d, read with weights_only=True) into ``model``.
+
+    Files hold parameters; buffers absent from the file keep the model's own values. Any unknown key
+    or missing parameter is an error naming it.
+    """
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = {n for n, _ in model.named_parameters()}
+    missing_params = [n for n in missing if n in params]
+    if unexpected or missing_params:
+        raise EvalError(f"{path} does not fit the run's model: "
+                        f"unexpected {list(unexpected)[:3]}, missing {missing_params[:3]}")
+    return model
