@@ -191,6 +191,11 @@ class RunConfig:
     """Sampler steps for grids: None = full ancestral DDPM, else DDIM with this many steps."""
     fid_every: int = 0
     """Score FID every N rounds during training (0 = never; use `fedrun eval` afterwards)."""
+    fid_samples: int = 1000
+    """Samples per model for FID during training (the paper: 1,000)."""
+    fid_ref: str | None = None
+    """Reference for FID during training: 'fashion-mnist:test', a stats .npz or an image folder;
+    None = the test split of data.dataset."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     dist_timeout_s: int = 600
@@ -206,6 +211,7 @@ class RunConfig:
         _check(self.sample_steps is None or self.sample_steps >= 1, "sample_steps", self.sample_steps,
                "allowed: a positive integer or none")
         _check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
+        _check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
         _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         _check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
 

@@ -37,7 +37,8 @@ from unet import EMA, GROUPS, parameter_groups
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = {
     "data.root", "data.download", "federation.rounds", "out_dir", "name", "checkpoint_every",
-    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "device",
+    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "fid_samples", "fid_ref",
+    "device",
     "dist_timeout_s", "preset", "optim.compile", "optim.amp",
 }
 
@@ -215,6 +216,8 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
 
         if cfg.sample_every and rnd % cfg.sample_every == 0 and rnd != fed.rounds:
             _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir)
+        if cfg.fid_every and rnd % cfg.fid_every == 0:
+            _log_fid(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir)
         if rnd % cfg.checkpoint_every == 0 or rnd == fed.rounds:
             _checkpoint(run_dir, rnd, cfg, ctx, clients, comm_log)
         tracker.flush()
@@ -314,3 +317,35 @@ def _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, 
         for k, img in sorted(all_grids.items()):
             tag = f"samples/client{k}" if personalised(cfg.federation.method) else "samples/global"
             tracker.image(tag, img, rnd)
+
+
+def _log_fid(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir: Path) -> None:
+    """FID every `fid_every` rounds: the global model on rank 0, or every client's model where it lives."""
+    from evaluation.commands import fid_of_model
+    from evaluation.fid import reference_statistics
+
+    ref = cfg.fid_ref or f"{cfg.data.dataset}:test"
+    channels, size = image_shape(cfg)
+    who = hosted if personalised(cfg.federation.method) else ([hosted[0]] if ctx.is_main else [])
+    scores: dict[int, float] = {}
+    if who:
+        stats = reference_statistics(ref, data_root=cfg.data.root, cache_dirs=[run_dir / "eval"],
+                                     image_size=size, device=ctx.device)
+        stash = [p.detach().clone() for p in model.parameters()]
+        for k in who:
+            trainer.load(clients[k])
+            if clients[k].ema is not None:
+                clients[k].ema.copy_to(model)
+            scores[k] = fid_of_model(model, diffusion, stats, cfg.fid_samples, image_shape=(channels, size, size),
+                                     sampler="ddim" if cfg.sample_steps else "ddpm", steps=cfg.sample_steps,
+                                     device=ctx.device, seed=derive_seed(cfg.federation.seed, 4, k))
+        for p, saved in zip(model.parameters(), stash, strict=True):
+            p.data.copy_(saved)
+    scores = dist.gather_dict(scores)
+    if ctx.is_main:
+        if personalised(cfg.federation.method):
+            for k, v in sorted(scores.items()):
+                tracker.scalar(f"fid/train/client{k}", v, rnd)
+        tracker.scalar("fid/train", float(np.mean(list(scores.values()))), rnd)
+        print(f"fedrun: round {rnd}: FID {np.mean(list(scores.values())):.2f} ({len(scores)} model(s), "
+              f"{cfg.fid_samples} samples vs {ref})", file=sys.stderr, flush=True)

@@ -198,3 +198,27 @@ def test_kill_9_of_a_rank_restarts_and_finishes_identically(repo_root, tmp_path,
     assert proc.returncode == 0, err[-4000:]
     assert "resuming" in err, err[-3000:]
     assert_bit_identical(ref, load_models(run))
+
+
+@pytest.mark.slow
+def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_stats_path, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env_home = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(torch_home)
+    try:
+        p = run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--name", "f",
+                                   "--method", "udec", "--set", "fid_every=2", "--set", "fid_samples=4",
+                                   "--set", f"fid_ref={fid_stats_path}"])
+    finally:
+        if env_home is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = env_home
+    assert "round 2: FID" in p.stderr
+    acc = EventAccumulator(str(tmp_path / "f" / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"fid/train", "fid/train/client0", "fid/train/client1"} <= tags
+    assert [e.step for e in acc.Scalars("fid/train")] == [2]
+    assert acc.Scalars("fid/train")[0].value > 0
