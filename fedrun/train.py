@@ -93,6 +93,9 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
     K = fed.clients
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if ctx.is_main else (lambda m: None)
 
+    if K < ctx.world_size:
+        raise ConfigError(f"invalid federation.clients={K}: fewer clients than the {ctx.world_size} ranks; "
+                          f"every rank hosts at least one client (use --clients >= {ctx.world_size})")
     # -- run directory: refuse an incompatible resume before anything is built -------------------
     cfg_path = run_dir / "config.json"
     if cfg_path.exists():

@@ -222,3 +222,11 @@ def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_s
     assert {"fid/train", "fid/train/client0", "fid/train/client1"} <= tags
     assert [e.step for e in acc.Scalars("fid/train")] == [2]
     assert acc.Scalars("fid/train")[0].value > 0
+
+
+@pytest.mark.multiproc
+def test_fewer_clients_than_ranks_is_a_clear_error(repo_root, fmnist_root, tmp_path):
+    p = run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--clients", "1"],
+                   nproc=2, check=False, timeout=200)
+    assert p.returncode != 0
+    assert "invalid federation.clients=1: fewer clients than the 2 ranks" in p.stderr
