@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
          "BOOT_FAIL", "DEADLINE"}
 ROUNDS = 6  # long enough that a requeue lands mid-run, short enough for 2 shared cores
+# Local steps per round: after `scontrol requeue` the old step keeps running through Slurm's kill grace
+# (submitit bypasses SIGTERM; KillWait + srun's wait, ~8 s here), so a run must outlast it to be resumed.
+LOCAL_STEPS = 10
 JOB_TIMEOUT_S = 150
 
 
@@ -71,7 +74,8 @@ def _fedrun(*args: str) -> str:
 
 
 def _tiny(data_root: Path, rounds: int = ROUNDS) -> list[str]:
-    return ["--preset", "tiny", "--data-root", str(data_root), "--rounds", str(rounds)]
+    return ["--preset", "tiny", "--data-root", str(data_root), "--rounds", str(rounds),
+            "--max-local-steps", str(LOCAL_STEPS)]
 
 
 def _slurm_res(tasks: int = 2) -> list[str]:
