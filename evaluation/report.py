@@ -212,6 +212,9 @@ def figure4(runs: Iterable[RunRecord], path: str | os.PathLike[str], clients: in
         ax.plot(rounds, [c / 1e8 for c in cum], marker="o", markersize=3,
                 label=METHOD_NAMES.get(method, method))
     ax.set_xlabel("round")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.set_ylabel("parameters communicated (x 10^8)")
     ax.set_title(f"Cumulative communication, K = {clients}")
     ax.grid(alpha=0.3)
