@@ -70,7 +70,8 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
             # bf16 exchanges changes against a reference (steady state); without one the first sync is fp32.
             avg.set_reference(mine)
             local.set_reference(mine)
-            nbytes = avg.sync(plan, {rank: mine}).bytes
+            first = avg.sync(plan, {rank: mine})
+            nbytes = first.bytes
             wire = torch.bfloat16 if dtype == "bf16" else torch.float32
             flat = torch.ones(nbytes // wire.itemsize, dtype=wire, device=device)
             ops = {
@@ -91,6 +92,7 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
             worst = {k: [max(g[k][i] for g in gathered) for i in range(repeats)] for k in ops}
             rows.append({"method": method, "exchange_dtype": dtype, "groups": list(plan.shared_groups()),
                          "bytes": nbytes, "flat_bytes": flat.numel() * flat.element_size(),
+                         "collectives": first.collectives,
                          **{f"{k}_s": worst[k] for k in ops},
                          **{f"{k}_median_s": median(worst[k]) for k in ops},
                          "ratio": median(worst["sync"]) / median(worst["flat"])})
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     out = spawn_ranks(worker, 2, device.type, args.arch, methods, dtypes, warmup, repeats)
     rows = out["rows"]
-    table = [[r["method"], r["exchange_dtype"], r["bytes"], 1e3 * r["sync_median_s"],
+    table = [[r["method"], r["exchange_dtype"], r["bytes"], r["collectives"], 1e3 * r["sync_median_s"],
               1e3 * r["flat_median_s"], r["ratio"], 1e3 * r["local_median_s"]] for r in rows]
     targets = [check(f"sync {r['method']} ({r['exchange_dtype']}) / one flat all-reduce of the same bytes",
                      r["ratio"], "<=", LIMIT) for r in rows]
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "repeats": repeats, "warmup": warmup, "quick": args.quick, "note": note},
                "results": rows,
                "ratios": {f"{r['method']}/{r['exchange_dtype']}": r["ratio"] for r in rows}}
-    headers = ["method", "exchange", "bytes", "sync ms", "flat all-reduce ms", "ratio", "local ms"]
+    headers = ["method", "exchange", "bytes", "buckets", "sync ms", "flat all-reduce ms", "ratio", "local ms"]
     tables = [(title, headers, table)]
     if gpu is not None:
         local = on_device(args.arch, rows, gpu, warmup, repeats)

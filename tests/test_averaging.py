@@ -257,3 +257,66 @@ def test_missing_contributor_detected_by_the_denominator_check():
     avg = Averager(GROUP_NAMES, [1, 1])
     with pytest.raises(RuntimeError, match="disagree"):
         avg.sync(plan_round("full", 1, 2, 0), {0: params(models)[0]})
+
+
+# -- buckets ------------------------------------------------------------------------------------------
+
+
+def test_buckets_cut_at_parameter_boundaries_denominators_first():
+    models = clients([1.0, 2.0])
+    avg = Averager(GROUP_NAMES, [1, 1], bucket_bytes=16)  # 4 fp32 elements: a bucket closes past 16 bytes
+    avg.sync(plan_round("full", 1, 2, 0), params(models))
+    # [3 slots + enc.weight (6)], [enc.bias (2) + mid.weight (4)], [dec.weight (2) + dec.bias (1)]
+    assert [(b.lo, b.hi) for b in avg._buckets] == [(0, 9), (9, 15), (15, 18)]
+    assert [[p.names for p in b.parts] for b in avg._buckets] == [
+        [("enc.weight",)], [("enc.bias",), ("mid.weight",)], [("dec.weight", "dec.bias")]]
+    assert avg._ranges == {E: (3, 11), M: (11, 15), U: (15, 18)}
+    assert Averager(GROUP_NAMES, [1, 1], bucket_bytes=None).bucket_bytes is None
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="bucket_bytes"):
+            Averager(GROUP_NAMES, [1, 1], bucket_bytes=bad)
+
+
+@pytest.mark.parametrize("exchange", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["full", "usplit", "ulatdec", "udec"])
+def test_buckets_bit_identical_to_one_bucket_single_process(method, exchange):
+    torch.manual_seed(3)
+    start = [{n: p.detach().clone() for n, p in Tiny().named_parameters()} for _ in range(3)]
+    results = []
+    for bucket_bytes in (None, 4, 24):
+        models = [Tiny() for _ in range(3)]
+        avg = Averager(GROUP_NAMES, [5, 1, 9], exchange_dtype=exchange, bucket_bytes=bucket_bytes)
+        g = torch.Generator().manual_seed(7)
+        for r in range(1, 4):  # bf16: round 1 exchanges values, rounds 2-3 changes
+            with torch.no_grad():
+                for m, s in zip(models, start, strict=True):
+                    for n, p in m.named_parameters():
+                        p.copy_(s[n] if r == 1 else p + 1e-3 * torch.randn(p.shape, generator=g))
+            stats = avg.sync(plan_round(method, r, 3, 0), params(models))
+            assert stats.collectives == 0 and stats.bytes == 0  # one process: no collective, same maths
+        results.append([{n: value(m, n).clone() for n in OFFSET} for m in models])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            for n in OFFSET:
+                assert torch.equal(a[n].view(torch.int32), b[n].view(torch.int32)), n
+
+
+@pytest.mark.parametrize("exchange", ["fp32", "bf16"])
+def test_denominator_check_before_any_parameter_is_written(exchange):
+    models = clients([1.0, 2.0])
+    avg = Averager(GROUP_NAMES, [1, 1], exchange_dtype=exchange, bucket_bytes=4)
+    before = [{n: value(m, n).clone() for n in OFFSET} for m in models]
+    for attempt in range(2):  # bf16: without a reference (values), then with one (changes)
+        with pytest.raises(RuntimeError, match="disagree"):
+            avg.sync(plan_round("full", 1, 2, 0), {0: params(models)[0]})
+        for m, b in zip(models, before, strict=True):
+            for n in OFFSET:
+                assert torch.equal(value(m, n), b[n])
+        if attempt == 0:
+            assert not avg._reference  # no reference made from the failed sync
+            avg.set_reference(dict(models[0].named_parameters()))
+        else:  # the reference given is kept
+            assert exchange == "fp32" or all(torch.equal(avg._reference[n], before[0][n]) for n in OFFSET)
+    avg.sync(plan_round("full", 2, 2, 0), params(models))  # a good sync afterwards
+    assert (avg._send is not None) == (exchange == "bf16")
+    assert value(models[1], "dec.bias").item() == pytest.approx(1.5 + OFFSET["dec.bias"], abs=1e-2)

@@ -184,6 +184,43 @@ def _bf16_scenario(ctx: fdist.DistContext) -> list[dict]:
     return cases
 
 
+BUCKET_BYTES = (None, 8, 40)  # one bucket; about one parameter per bucket; a few parameters per bucket
+
+
+def _buckets_scenario(ctx: fdist.DistContext) -> list[dict]:
+    """Every method and exchange dtype, 3 rounds, K = W..5 (several contributors on a rank): the same sync
+    with one bucket and with several, on identical inputs."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for method in METHODS:
+            for k in (ctx.world_size, ctx.world_size + 1, 5):
+                hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
+                sizes = _sizes(k)
+                avgs = [Averager(NAMED, sizes, exchange_dtype=dtype, bucket_bytes=b) for b in BUCKET_BYTES]
+                lives = [{c: {n: torch.zeros(s) for n, s in SHAPES.items()} for c in hosted} for _ in avgs]
+                glob = None
+                for r in range(1, 4):
+                    tag = f"buckets-{dtype}-{method}-{k}-{r}"
+                    if glob is None:
+                        pre = {c: _state(tag, c) for c in hosted}
+                    else:  # "local training" from each client's synced state: small changes (bf16: deltas)
+                        pre = {c: {n: lives[0][c][n] + 1e-3 * t for n, t in _state(tag, c).items()} for c in hosted}
+                    plan = plan_round(method, r, k, SEED)
+                    runs = []
+                    for avg, live in zip(avgs, lives, strict=True):
+                        for c in hosted:
+                            for n, t in live[c].items():
+                                t.copy_(pre[c][n])
+                        stats = avg.sync(plan, live)
+                        runs.append({
+                            "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                            "bytes": stats.bytes, "collectives": stats.collectives, "buckets": len(avg._buckets),
+                        })
+                    glob = True
+                    cases.append({"case": tag, "k": k, "runs": runs})
+    return cases
+
+
 def _helpers_scenario(ctx: fdist.DistContext) -> dict:
     out: dict = {}
     rank, w = ctx.rank, ctx.world_size
@@ -235,6 +272,7 @@ def _mismatch_scenario(ctx: fdist.DistContext) -> dict:
 SCENARIOS = {
     "methods": _methods_scenario,
     "bf16": _bf16_scenario,
+    "buckets": _buckets_scenario,
     "helpers": _helpers_scenario,
     "mismatch": _mismatch_scenario,
 }
@@ -343,6 +381,34 @@ def test_two_ranks(tmp_path):
         assert c0["bytes"] == c1["bytes"] == (c0["fp32_bytes"] if first else c0["bf16_bytes"])
         # round 1 exact; then bf16 error relative to changes of ~1e-3, far below bf16 of values near 5
         assert c0["max_err"] < (1e-6 if first else 5e-5) and c1["max_err"] < (1e-6 if first else 5e-5)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_two_ranks_buckets_bit_identical_to_one_bucket(tmp_path):
+    """Bucketed sync (async all-reduce per bucket, unpacked while later buckets are in flight) gives the same
+    bits as one bucket on every client of every rank, for every method, fp32 and bf16 (the first round of
+    bf16 exchanges values, the later ones changes), with the same bytes on the wire."""
+    results = _spawn(2, ["buckets"], tmp_path)
+    per_rank = [res["buckets"] for res in results]
+    assert len(per_rank[0]) == 2 * len(METHODS) * 3 * 3
+    for cases in zip(*per_rank, strict=True):
+        tag, k = cases[0]["case"], cases[0]["k"]
+        assert all(c["case"] == tag for c in cases)
+        for c in cases:
+            one, *many = c["runs"]
+            assert one["buckets"] == one["collectives"] == 1, tag
+            for run in many:
+                assert run["collectives"] == run["buckets"], tag  # one collective per bucket
+                assert run["bytes"] == one["bytes"] > 0, tag
+            assert many[0]["buckets"] >= max(2, many[1]["buckets"]), tag
+        for i in range(len(BUCKET_BYTES)):
+            hashes: dict[str, dict[str, str]] = {}
+            for c in cases:
+                hashes.update(c["runs"][i]["hashes"])
+            assert sorted(hashes, key=int) == [str(c) for c in range(k)]
+            # bucketed == one bucket, client by client, bit for bit
+            assert hashes == {c: h for case in cases for c, h in case["runs"][0]["hashes"].items()}, (tag, i)
 
 
 @pytest.mark.multiproc
