@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import time
-import traceback
 import zlib
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from multiproc import spawn_ranks
 
 from fedrun import dist as fdist
 from fedrun.averaging import Averager, weighted_average
@@ -278,52 +276,20 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, scenarios: list[str], out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    result: dict = {"rank": rank}
-    try:
-        ctx = fdist.init_distributed(device="cpu", timeout_s=30)
-        result["backend"] = ctx.backend
-        result["world_size"] = ctx.world_size
-        for name in scenarios:
-            result[name] = SCENARIOS[name](ctx)
-    except Exception:
-        result["exception"] = traceback.format_exc()
-    finally:
-        fdist.cleanup()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+def _run_scenarios(scenarios: list[str], ctx: fdist.DistContext) -> dict:
+    result: dict = {"backend": ctx.backend, "world_size": ctx.world_size}
+    for name in scenarios:
+        result[name] = SCENARIOS[name](ctx)
+    return result
 
 
 # -- test side --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world: int, scenarios: list[str], out_dir: Path, timeout_s: float = 75.0) -> list[dict]:
-    ctx = mp.start_processes(
-        _worker, args=(world, _free_port(), scenarios, str(out_dir)), nprocs=world, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} ranks did not finish {scenarios} within {timeout_s} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    results = spawn_ranks(world, partial(_run_scenarios, scenarios), out_dir, timeout_s, init_timeout_s=30,
+                          label=str(scenarios))
     for res in results:
-        assert "exception" not in res, res["exception"]
         assert res["backend"] == "gloo" and res["world_size"] == world
     return results
 

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
-import traceback
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from multiproc import spawn_ranks
 from PIL import Image
 from torch import nn
 
@@ -153,50 +146,16 @@ def test_load_weights_checks_the_keys(tmp_path):
 # -- several ranks (gloo): each samples its batches, all_gather puts them back in order ----------------
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    result: dict = {"rank": rank}
-    try:
-        from fedrun import dist as fdist
-
-        fdist.init_distributed(device="cpu", timeout_s=60)
-        net = CountingNet()
-        x = S.sample_images(net, _diffusion(), 7, (1, 8, 8), sampler="ddim", steps=3, batch_size=2, seed=5)
-        result["x"] = x.tolist()
-        result["calls"] = net.calls
-    except Exception:
-        result["exception"] = traceback.format_exc()
-    finally:
-        from fedrun import dist as fdist
-
-        fdist.cleanup()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _sample_body(ctx: object) -> dict:
+    net = CountingNet()
+    x = S.sample_images(net, _diffusion(), 7, (1, 8, 8), sampler="ddim", steps=3, batch_size=2, seed=5)
+    return {"x": x.tolist(), "calls": net.calls}
 
 
 @pytest.mark.multiproc
 def test_two_ranks_give_the_single_process_samples(tmp_path):
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1.0):
-            assert time.monotonic() < deadline, "ranks did not finish"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for res in results:
-        assert "exception" not in res, res["exception"]
+    results = spawn_ranks(world, _sample_body, tmp_path, timeout_s=120, init_timeout_s=60)
     single = S.sample_images(CountingNet(), _diffusion(), 7, (1, 8, 8), sampler="ddim", steps=3, batch_size=2,
                              seed=5)
     for res in results:
