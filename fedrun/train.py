@@ -288,6 +288,27 @@ def _save_models(cfg, ctx, model, trainer, clients, hosted, averager, run_dir: P
     dist.barrier()
 
 
+def _each_model(cfg, ctx, model, trainer, clients, hosted):
+    """Put each model this rank scores into the working module (EMA weights when kept); yields its client.
+
+    The global model is scored once, on rank 0; UDec/ULatDec clients each on their own rank. The working
+    module's tensors are restored afterwards: they may be a client's own (aliased) parameters.
+    """
+    who = hosted if personalised(cfg.federation.method) else ([hosted[0]] if ctx.is_main else [])
+    stash = [p.detach().clone() for p in model.parameters()]
+    try:
+        for k in who:
+            trainer.load(clients[k])
+            if clients[k].ema is not None:
+                clients[k].ema.copy_to(model)
+            model.eval()
+            yield k
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), stash, strict=True):
+                p.copy_(saved)
+
+
 @torch.no_grad()
 def _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd, run_dir,
                  final: bool = False) -> None:
@@ -296,15 +317,8 @@ def _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, 
 
     channels, size = image_shape(cfg)
     n = cfg.num_samples
-    who = hosted if personalised(cfg.federation.method) else ([hosted[0]] if ctx.is_main else [])
     grids: dict[int, np.ndarray] = {}
-    # Keep the working module's tensors: they may be a client's own (aliased) parameters.
-    stash = [p.detach().clone() for p in model.parameters()]
-    for k in who:
-        trainer.load(clients[k])
-        if clients[k].ema is not None:
-            clients[k].ema.copy_to(model)
-        model.eval()
+    for k in _each_model(cfg, ctx, model, trainer, clients, hosted):
         g = torch.Generator(device=ctx.device).manual_seed(derive_seed(cfg.federation.seed, 3, k))
         x = diffusion.sample(model, (n, channels, size, size), ctx.device, steps=cfg.sample_steps,
                              generator=g)
@@ -313,8 +327,6 @@ def _log_samples(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, 
         if final:
             name = f"final_client{k}.png" if personalised(cfg.federation.method) else "final.png"
             save_image(grid, run_dir / "samples" / name)
-    for p, saved in zip(model.parameters(), stash, strict=True):
-        p.data.copy_(saved)
     all_grids = dist.gather_dict(grids)
     if ctx.is_main:
         for k, img in sorted(all_grids.items()):
@@ -329,21 +341,15 @@ def _log_fid(cfg, ctx, model, diffusion, trainer, clients, hosted, tracker, rnd,
 
     ref = cfg.fid_ref or f"{cfg.data.dataset}:test"
     channels, size = image_shape(cfg)
-    who = hosted if personalised(cfg.federation.method) else ([hosted[0]] if ctx.is_main else [])
     scores: dict[int, float] = {}
-    if who:
-        stats = reference_statistics(ref, data_root=cfg.data.root, cache_dirs=[run_dir / "eval"],
-                                     image_size=size, device=ctx.device)
-        stash = [p.detach().clone() for p in model.parameters()]
-        for k in who:
-            trainer.load(clients[k])
-            if clients[k].ema is not None:
-                clients[k].ema.copy_to(model)
-            scores[k] = fid_of_model(model, diffusion, stats, cfg.fid_samples, image_shape=(channels, size, size),
-                                     sampler="ddim" if cfg.sample_steps else "ddpm", steps=cfg.sample_steps,
-                                     device=ctx.device, seed=derive_seed(cfg.federation.seed, 4, k))
-        for p, saved in zip(model.parameters(), stash, strict=True):
-            p.data.copy_(saved)
+    stats = None
+    for k in _each_model(cfg, ctx, model, trainer, clients, hosted):
+        if stats is None:
+            stats = reference_statistics(ref, data_root=cfg.data.root, cache_dirs=[run_dir / "eval"],
+                                         image_size=size, device=ctx.device)
+        scores[k] = fid_of_model(model, diffusion, stats, cfg.fid_samples, image_shape=(channels, size, size),
+                                 sampler="ddim" if cfg.sample_steps else "ddpm", steps=cfg.sample_steps,
+                                 device=ctx.device, seed=derive_seed(cfg.federation.seed, 4, k))
     scores = dist.gather_dict(scores)
     if ctx.is_main:
         if personalised(cfg.federation.method):
