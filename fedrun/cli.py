@@ -79,7 +79,7 @@ def config_to_argv(cfg: RunConfig) -> list[str]:
     """The reverse: argv that rebuilds `cfg` exactly (used to launch tasks on Slurm)."""
     argv: list[str] = []
     default = RunConfig()
-    flat, flat_default = _flatten(cfg.to_dict()), _flatten(default.to_dict())
+    flat, flat_default = cfg.to_flat_dict(), default.to_flat_dict()
     for k in field_names():
         v = flat[k]
         if v != flat_default[k] or k == "data.root":
@@ -87,16 +87,6 @@ def config_to_argv(cfg: RunConfig) -> list[str]:
                 v = ",".join(str(x) for x in v)
             argv += ["--set", f"{k}={'none' if v is None else v}"]
     return ["--preset", "paper-fmnist"] + argv  # paper-fmnist == RunConfig() defaults
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 # -- subcommands -----------------------------------------------------------------------------

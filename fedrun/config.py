@@ -226,6 +226,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Leaf fields by dotted name ('federation.method': 'udec'), the names --set takes."""
+        return _flatten(self.to_dict())
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
@@ -371,6 +375,13 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         tp = typing.get_type_hints(cls)[parts[-1]]
         node[parts[-1]] = _parse_value(value, tp, key)
     return RunConfig.from_dict(d)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def _from_dict(cls: Any, d: dict[str, Any], prefix: str) -> Any:

@@ -43,16 +43,9 @@ RESUMABLE_CHANGES = {
 }
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def config_differences(saved: RunConfig, new: RunConfig) -> list[str]:
     """Fields that differ and are not allowed to change across a resume, as 'field (a -> b)'."""
-    a, b = _flat(saved.to_dict()), _flat(new.to_dict())
+    a, b = saved.to_flat_dict(), new.to_flat_dict()
     return [f"{k} ({a[k]!r} -> {b[k]!r})" for k in sorted(a)
             if k not in RESUMABLE_CHANGES and _norm(a[k]) != _norm(b.get(k))]
 

@@ -176,13 +176,6 @@ class SweepPoint:
         return self.config.run_dir()
 
 
-def _flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten_config(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def default_sweep_dir(base: RunConfig) -> Path:
     return Path(base.out_dir) / (base.name or f"sweep-{base.preset or 'run'}")
 
@@ -208,7 +201,7 @@ def plan_sweep(base: RunConfig, grid: Grid, sweep_dir: Path, opts: SlurmOptions,
             raise GridError(f"sweep grid point {raw}: {e}") from None
         # The values as the config holds them ('1e-4' -> 0.0001): names and manifest do not depend
         # on how a value was spelled.
-        flat = _flatten_config(cfg.to_dict())
+        flat = cfg.to_flat_dict()
         overrides = {k: list(flat[k]) if isinstance(flat[k], tuple) else flat[k] for k in raw}
         name = run_name(overrides)
         if name in names:
