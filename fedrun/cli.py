@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,10 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedrun: interrupted", file=sys.stderr)
         return 130
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,7 +88,6 @@ class RoundResult:
     loss_sum: float
     steps: int
     images: int
-    extra: dict = field(default_factory=dict)
 
 
 def local_steps(size: int, batch_size: int, local_epochs: float, cap: int | None) -> int:

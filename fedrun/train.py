@@ -155,7 +155,6 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
         counters = shared_state["counters"]
         for k in hosted:
             clients[k].load_state_dict(ckpt.safe_load(ckpt.client_file(Path(rdir), k), map_location=device))
-        trainer.load(clients[hosted[0]])
         log(f"fedrun: resuming {run_dir} after round {start_round} of {fed.rounds}")
     # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
     # model, or after a resume the checkpointed (already averaged) shared parameters.
@@ -188,13 +187,14 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
             progress.advance_steps(res.steps)
         t_compute = time.perf_counter() - t0
         stats = averager.sync(plan, {k: clients[k].params for k in hosted})
-        trainer.load(clients[hosted[0]])
         t_sync = time.perf_counter() - t0 - t_compute
 
         paper = paper_round_count(plan, group_sizes, first_round=(rnd == 1))
-        all_losses = dist.gather_dict(losses)
-        all_images = sum(dist.gather_dict({ctx.rank: images}).values())
-        bytes_all = sum(dist.gather_dict({ctx.rank: stats.bytes}).values())
+        # One gather per round brings every rank's losses, images and bytes to rank 0.
+        per_rank = dist.gather_dict({ctx.rank: (losses, images, stats.bytes)}).values()
+        all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
+        all_images = sum(n for _, n, _ in per_rank)
+        bytes_all = sum(b for _, _, b in per_rank)
         row = comm_log.append(rnd, paper_params=paper, bytes_moved=stats.bytes, sync_seconds=t_sync)
         if ctx.is_main:
             mean_loss = float(np.mean(list(all_losses.values())))
