@@ -64,7 +64,7 @@ def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int) -> tup
 def collective_bytes_per_round(
     plan: RoundPlan, named_sizes: Mapping[str, int | Sequence[int]], exchange_dtype: str, dtype_bytes: int = 4
 ) -> int:
-    """Bytes one rank's all-reduce carries in this round: every shared parameter plus one denominator slot
+    """Bytes one rank's all-reduce carries in this round: every shared parameter plus one weight slot
     per shared group, at 2 bytes for bf16 else ``dtype_bytes``. ``named_sizes``: group -> its number of
     parameters, or the list of its tensors' sizes. (Under bf16 the first sync without a reference goes in
     fp32, see ``Averager``.) A ring all-reduce then sends about 2 (W-1)/W times this per rank."""

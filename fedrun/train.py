@@ -134,6 +134,11 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
     step_cfg = StepConfig(lr=cfg.optim.lr, batch_size=cfg.optim.batch_size, local_epochs=fed.local_epochs,
                           max_local_steps=fed.max_local_steps, keep_opt_state=cfg.optim.keep_state,
                           amp_dtype=amp_dtype(cfg, device), seed=fed.seed, compile=cfg.optim.compile)
+    averager = Averager(groups, sizes, exchange_dtype=fed.exchange_dtype)
+    if len(hosted) == 1:
+        # One client per rank (the usual layout): its parameters live in the averager's flat tensor, so a
+        # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.
+        averager.adopt(model)
     trainer = LocalTrainer(model, diffusion, step_cfg, device,
                            alias_client=hosted[0] if len(hosted) == 1 else None)
     clients: dict[int, ClientState] = {}
@@ -143,7 +148,6 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
             ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
     del data
 
-    averager = Averager(groups, sizes, exchange_dtype=fed.exchange_dtype)
     group_sizes = {g: sum(named[n].numel() for n in groups[g]) for g in GROUPS}
 
     # -- resume ----------------------------------------------------------------------------------

@@ -262,15 +262,20 @@ def test_missing_contributor_detected_by_the_denominator_check():
 # -- buckets ------------------------------------------------------------------------------------------
 
 
-def test_buckets_cut_at_parameter_boundaries_denominators_first():
+def test_buckets_cut_at_parameter_boundaries_weight_slots_last():
     models = clients([1.0, 2.0])
     avg = Averager(GROUP_NAMES, [1, 1], bucket_bytes=16)  # 4 fp32 elements: a bucket closes past 16 bytes
     avg.sync(plan_round("full", 1, 2, 0), params(models))
-    # [3 slots + enc.weight (6)], [enc.bias (2) + mid.weight (4)], [dec.weight (2) + dec.bias (1)]
-    assert [(b.lo, b.hi) for b in avg._buckets] == [(0, 9), (9, 15), (15, 18)]
+    # [enc.weight (6)], [enc.bias (2) + mid.weight (4)], [dec.weight (2) + dec.bias (1) + 3 weight slots]
+    assert [(b.lo, b.hi) for b in avg._buckets] == [(0, 6), (6, 12), (12, 18)]
     assert [[p.names for p in b.parts] for b in avg._buckets] == [
         [("enc.weight",)], [("enc.bias",), ("mid.weight",)], [("dec.weight", "dec.bias")]]
-    assert avg._ranges == {E: (3, 11), M: (11, 15), U: (15, 18)}
+    assert avg._ranges == {E: (0, 8), M: (8, 12), U: (12, 15)}
+    # The slots, the last group's first, hold the summed normalised weights: 1 each.
+    assert avg._buffer[15:].tolist() == [1.0, 1.0, 1.0]
+    # A bucket closing exactly at the last parameter takes the slots along (no bucket of slots alone).
+    assert avg._cuts([6, 2], 3, 4) == [(0, 6), (6, 11)]
+    assert avg._cuts([1, 1], 2, 4) == [(0, 4)]
     assert Averager(GROUP_NAMES, [1, 1], bucket_bytes=None).bucket_bytes is None
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="bucket_bytes"):
@@ -320,3 +325,99 @@ def test_denominator_check_before_any_parameter_is_written(exchange):
     avg.sync(plan_round("full", 2, 2, 0), params(models))  # a good sync afterwards
     assert (avg._send is not None) == (exchange == "bf16")
     assert value(models[1], "dec.bias").item() == pytest.approx(1.5 + OFFSET["dec.bias"], abs=1e-2)
+
+
+# -- adopt: parameters in the averager's flat tensor, syncs in place -----------------------------------
+
+
+class Reordered(nn.Module):
+    """Declares the decoder first and keeps a channels_last convolution in the encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dec = nn.Linear(2, 1)
+        self.enc = nn.Conv2d(2, 3, 2)  # weight (3, 2, 2, 2)
+        self.mid = nn.Linear(2, 2, bias=False)
+        self.to(memory_format=torch.channels_last)
+
+
+REORDERED = {E: ["enc.weight", "enc.bias"], M: ["mid.weight"], U: ["dec.weight", "dec.bias"]}
+
+
+def test_adopt_moves_parameters_into_one_flat_tensor_in_group_order():
+    torch.manual_seed(0)
+    net = Reordered()
+    before = {n: (p, p.detach().clone(), p.stride()) for n, p in net.named_parameters()}
+    avg = Averager(REORDERED, [1])
+    assert avg.adopt(net)
+    flat = avg._flat
+    order = [n for g in (E, M, U) for n in REORDERED[g]]
+    pos = 0
+    for n in order:
+        p = dict(net.named_parameters())[n]
+        param, value, stride = before[n]
+        assert p is param and p.requires_grad  # the same Parameter object, still trainable
+        assert torch.equal(p, value) and p.stride() == stride  # same values, same (channels_last) strides
+        assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert p.data_ptr() == flat.data_ptr() + pos * flat.element_size()  # groups in GROUPS order
+        pos += p.numel()
+    assert flat.numel() == pos + 3 and torch.equal(flat[pos:], torch.zeros(3))  # one weight slot per group
+    # Training writes straight into the flat tensor.
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.dec(net.mid(net.enc(torch.randn(1, 2, 3, 3)).mean((2, 3))[:, :2])).sum().backward()
+    opt.step()
+    pos = 0
+    for n in order:
+        p = dict(net.named_parameters())[n]
+        assert torch.equal(flat.as_strided(p.shape, p.stride(), pos), p) and not torch.equal(p, before[n][1]), n
+        pos += p.numel()
+
+
+def test_adopt_refuses_mixed_dtypes_and_missing_names():
+    net = Reordered()
+    net.mid.double()
+    ptr = net.enc.weight.data_ptr()
+    assert not Averager(REORDERED, [1]).adopt(net)
+    assert net.enc.weight.data_ptr() == ptr  # nothing moved
+    with pytest.raises(KeyError, match="dec.weight"):
+        Averager({**REORDERED, U: ["dec.weight"]}, [1]).adopt(nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("exchange", ["fp32", "bf16"])
+def test_adopted_single_client_sync_in_place(exchange):
+    torch.manual_seed(1)
+    net = Reordered()
+    values = {n: p.detach().clone() for n, p in net.named_parameters()}
+    avg = Averager(REORDERED, [4], exchange_dtype=exchange)
+    avg.adopt(net)
+    mine = {n: p.data for n, p in net.named_parameters()}
+    for r in (1, 2):  # bf16: values first, then changes against the reference
+        stats = avg.sync(plan_round("full", r, 1, 0), {0: mine})
+        assert stats.collectives == 0 and stats.bytes == 0
+        assert avg._buffer is None  # in place: no packing buffer
+        for n, p in net.named_parameters():
+            assert torch.equal(p, values[n]), n  # the average of one client is itself
+    if exchange == "bf16":
+        assert all(torch.equal(avg._reference[n], values[n]) for n in values)
+
+
+def test_adopted_sync_checks_weights_before_writing_and_falls_back_when_not_contiguous():
+    net = Reordered()
+    values = {n: p.detach().clone() for n, p in net.named_parameters()}
+    avg = Averager(REORDERED, [1, 1])
+    avg.adopt(net)
+    mine = {n: p.data for n, p in net.named_parameters()}
+    with pytest.raises(RuntimeError, match="disagree"):  # client 1 is nowhere: the weights sum to 1/2
+        avg.sync(plan_round("full", 1, 2, 0), {0: mine})
+    assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())  # nothing written
+    # The encoder alone is not a suffix of the flat layout: the packed path does it, with the same result.
+    solo = Averager(REORDERED, [1])
+    solo.adopt(net)
+    mine = {n: p.data for n, p in net.named_parameters()}
+    solo.sync(RoundPlan(1, (frozenset({E}),), False), {0: mine})
+    assert solo._buffer is not None and solo._buffer.numel() == 1 + 3 * 2 * 2 * 2 + 3
+    assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())
+    # Parameters replaced after adopt are not the flat tensor's views any more: packed path, still right.
+    other = {n: t.clone() for n, t in mine.items()}
+    solo.sync(plan_round("full", 2, 1, 0), {0: other})
+    assert solo._buffer.numel() == 3 + sum(t.numel() for t in other.values())

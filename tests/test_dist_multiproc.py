@@ -219,6 +219,117 @@ def _buckets_scenario(ctx: fdist.DistContext) -> list[dict]:
     return cases
 
 
+class _Net(torch.nn.Module):
+    """A convolution kept channels_last (non-contiguous strides), then two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Conv2d(2, 4, 3)
+        self.mid = torch.nn.Linear(3, 3, bias=False)
+        self.dec = torch.nn.Linear(4, 2)
+        self.to(memory_format=torch.channels_last)
+
+
+NET_GROUPS = {"encoder": ["enc.weight", "enc.bias"], "bottleneck": ["mid.weight"],
+              "decoder": ["dec.weight", "dec.bias"]}
+
+
+def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
+    """One client per rank: the adopted model's in-place sync against the packed sync of a copy, every
+    method and exchange dtype, three rounds (bf16: values, then changes), on identical inputs."""
+    cases = []
+    k, rank = ctx.world_size, ctx.rank
+    sizes = _sizes(k)
+    for dtype, given_ref in (("fp32", False), ("bf16", False), ("bf16", True)):
+        for method in METHODS:
+            net = _Net()
+            adopted = Averager(NET_GROUPS, sizes, exchange_dtype=dtype)
+            assert adopted.adopt(net)
+            mine = {n: p.data for n, p in net.named_parameters()}  # what a rank's single client holds
+            ptrs = {n: t.data_ptr() for n, t in mine.items()}
+            packed = Averager(NET_GROUPS, sizes, exchange_dtype=dtype, bucket_bytes=16)
+            copy = {n: t.clone() for n, t in mine.items()}
+            if given_ref:  # as fedrun.train does: the identical initial model is the first reference
+                torch.manual_seed(5)
+                with torch.no_grad():
+                    for n, t in mine.items():
+                        t.copy_(torch.randn(t.shape))
+                        copy[n].copy_(t)
+                adopted.set_reference(mine)
+                packed.set_reference(copy)
+            for r in range(1, 4):
+                g = torch.Generator().manual_seed(zlib.crc32(f"inplace-{dtype}-{method}-{r}-{rank}".encode()))
+                with torch.no_grad():
+                    for n, t in mine.items():
+                        step = torch.randn(t.shape, generator=g)
+                        # round 1: values (unless a reference was given); then small changes
+                        t.copy_(step if r == 1 and not given_ref else t + 1e-3 * step)
+                        copy[n].copy_(t)
+                plan = plan_round(method, r, k, SEED)
+                a = adopted.sync(plan, {rank: mine})
+                b = packed.sync(plan, {rank: copy})
+                cases.append({
+                    "case": f"{dtype}-{method}-{r}-{given_ref}",
+                    "in_place": {n: _sha(t) for n, t in mine.items()},
+                    "packed": {n: _sha(t) for n, t in copy.items()},
+                    "module_is_client": all(torch.equal(p, mine[n]) for n, p in net.named_parameters()),
+                    "ptrs_kept": {n: t.data_ptr() for n, t in mine.items()} == ptrs,
+                    "channels_last": net.enc.weight.is_contiguous(memory_format=torch.channels_last),
+                    "stats": [a.bytes, a.collectives, b.bytes, b.collectives],
+                    "buffer_made": adopted._buffer is not None,
+                })
+    # Mixed: K = W + 1, so rank 0 hosts two clients (packed path) and the others one adopted client each
+    # (in place); several buckets. Every rank must issue the same collectives and end with the same average.
+    for dtype in ("fp32", "bf16"):
+        for method in METHODS:
+            k_mixed = k + 1
+            hosted = fdist.hosted_clients(rank, k, k_mixed)
+            sizes_mixed = _sizes(k_mixed)
+            avg = Averager(NET_GROUPS, sizes_mixed, exchange_dtype=dtype, bucket_bytes=24)
+            nets = {c: _Net() for c in hosted}
+            if len(hosted) == 1:
+                assert avg.adopt(nets[hosted[0]])
+            live = {c: {n: p.data for n, p in net.named_parameters()} for c, net in nets.items()}
+            glob, errs, ncoll = None, [], []
+            for r in range(1, 4):
+                pre = {}
+                for c in range(k_mixed):
+                    g = torch.Generator().manual_seed(zlib.crc32(f"mixed-{dtype}-{method}-{r}-{c}".encode()))
+                    pre[c] = {n: (torch.randn(t.shape, generator=g) if glob is None
+                                  else glob[n] + 1e-3 * torch.randn(t.shape, generator=g))
+                              for n, t in live[hosted[0]].items()}
+                with torch.no_grad():
+                    for c in hosted:
+                        for n, t in live[c].items():
+                            t.copy_(pre[c][n])
+                plan = plan_round(method, r, k_mixed, SEED)
+                ncoll.append(avg.sync(plan, live).collectives)
+                err = 0.0
+                for grp in plan.shared_groups():
+                    contrib = plan.contributors(grp)
+                    want = weighted_average([pre[c] for c in contrib], [sizes_mixed[c] for c in contrib])
+                    for c in hosted:
+                        for n in NET_GROUPS[grp]:
+                            err = max(err, (live[c][n] - want[n]).abs().max().item())
+                errs.append(err)
+                # the next round: small changes from the average (only the shared groups are compared, and
+                # they are the same on every rank)
+                glob = {n: t.clone() for n, t in live[hosted[0]].items()}
+            cases.append({"case": f"mixed-{dtype}-{method}", "errs": errs, "collectives": ncoll,
+                          "in_place": avg._buffer is None, "hosted": hosted,
+                          "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted}})
+    # Ranks that disagree about the weights: every rank raises, after the collective, and says so.
+    net = _Net()
+    bad = Averager(NET_GROUPS, sizes if rank == 0 else sizes[::-1])
+    bad.adopt(net)
+    try:
+        bad.sync(plan_round("full", 1, k, SEED), {rank: {n: p.data for n, p in net.named_parameters()}})
+        cases.append({"case": "disagree", "error": None})
+    except RuntimeError as e:
+        cases.append({"case": "disagree", "error": str(e)})
+    return cases
+
+
 def _helpers_scenario(ctx: fdist.DistContext) -> dict:
     out: dict = {}
     rank, w = ctx.rank, ctx.world_size
@@ -272,6 +383,7 @@ SCENARIOS = {
     "bf16": _bf16_scenario,
     "buckets": _buckets_scenario,
     "helpers": _helpers_scenario,
+    "in_place": _in_place_scenario,
     "mismatch": _mismatch_scenario,
 }
 
@@ -375,6 +487,49 @@ def test_two_ranks_buckets_bit_identical_to_one_bucket(tmp_path):
             assert sorted(hashes, key=int) == [str(c) for c in range(k)]
             # bucketed == one bucket, client by client, bit for bit
             assert hashes == {c: h for case in cases for c, h in case["runs"][0]["hashes"].items()}, (tag, i)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_in_place_sync_bit_identical_to_packed(tmp_path):
+    """An adopted model (parameters in the averager's flat tensor, a channels_last convolution among them)
+    averages in place with ONE collective and no buffer, bit for bit like the packed path on a copy, on every
+    rank, every method, fp32 and bf16; the module keeps its tensors; a weight disagreement fails everywhere."""
+    results = _spawn(2, ["in_place"], tmp_path)
+    per_rank = [res["in_place"] for res in results]
+    assert len(per_rank[0]) == 3 * len(METHODS) * 3 + 2 * len(METHODS) + 1
+    for cases in zip(*per_rank, strict=True):
+        tag = cases[0]["case"]
+        if tag.startswith("mixed-"):
+            assert [c["in_place"] for c in cases] == [False, True], tag  # rank 0 packed, rank 1 in place
+            assert cases[0]["collectives"] == cases[1]["collectives"] and max(cases[0]["collectives"]) >= 2, tag
+            bf16 = "bf16" in tag
+            for c in cases:  # round 1 (values, fp32 on the wire) exact; bf16 changes to ~1e-3 * 2^-8
+                assert c["errs"][0] < 1e-6 and max(c["errs"]) < (5e-5 if bf16 else 1e-6), (tag, c["errs"])
+            hashes = {**cases[0]["hashes"], **cases[1]["hashes"]}
+            method = tag.split("-")[2]
+            shared = [g for g in ("encoder", "bottleneck", "decoder")
+                      if any(g in s for s in plan_round(method, 3, 3, SEED).assignments)]
+            for g in shared:
+                for n in NET_GROUPS[g]:
+                    assert len({h[n] for h in hashes.values()}) == 1, (tag, n)  # identical on every client
+            continue
+        if tag == "disagree":
+            for c in cases:
+                assert c["error"] is not None and "sum to" in c["error"] and "no longer valid" in c["error"], c
+            continue
+        for c in cases:
+            assert c["in_place"] == c["packed"], tag  # bit for bit, every parameter
+            assert c["module_is_client"] and c["ptrs_kept"] and c["channels_last"], tag
+            in_bytes, in_coll, packed_bytes, packed_coll = c["stats"]
+            assert in_coll == 1 and in_bytes == packed_bytes > 0, tag  # one collective, the same bytes
+            assert packed_coll >= 2, tag  # the packed copy went in buckets
+            assert not c["buffer_made"], tag  # the in-place path allocates no buffer
+        shared = [g for g in ("encoder", "bottleneck", "decoder")
+                  if any(g in s for s in plan_round(tag.split("-")[1], 1, 2, SEED).assignments)]
+        for g in shared:
+            for n in NET_GROUPS[g]:
+                assert cases[0]["in_place"][n] == cases[1]["in_place"][n], (tag, n)  # the same on both ranks
 
 
 @pytest.mark.multiproc
