@@ -2,9 +2,11 @@
 byte count, for the shared groups of each method (full, usplit, ulatdec, udec).
 
 Two ranks are spawned here, one client each, joined through ``fedrun.dist`` (gloo on CPU; NCCL, one GPU per
-rank, when there are >= 2 GPUs). Per repeat the two operations take turns, each after a barrier; a repeat
-counts the slower rank. The ``local`` column is the same sync in a one-rank group (pack, divide, copy back:
-everything but the collective), which says where any overhead comes from.
+rank, when there are >= 2 GPUs). Two syncs are timed: "in place" (the averager adopted the model's parameters,
+as ``fedrun train`` does for one client per rank: scale + one all-reduce where they lie) and "packed" (the path
+of a rank hosting several clients: pack into a bucketed buffer, all-reduce, copy back). Per repeat the
+operations take turns, each after a barrier; a repeat counts the slower rank. The ``local`` column is the
+packed sync in a one-rank group (pack and copy back: everything but the collective).
 
     python -m benchmarks.bench_sync                      # paper UNet, fp32 and bf16 exchange
     python -m benchmarks.bench_sync --arch ddpm-unet --repeats 50 --json sync.json
@@ -29,7 +31,7 @@ from benchmarks.common import (
     spawn_ranks,
     time_interleaved,
 )
-from fedrun.averaging import Averager
+from fedrun.averaging import DEFAULT_BUCKET_BYTES, Averager
 from fedrun.methods import METHODS, plan_round
 from unet import create_model, parameter_groups
 
@@ -38,70 +40,85 @@ SEED = 2023
 LIMIT = 1.1  # ISSUE target: a sync may cost at most 1.1x the single flat all-reduce
 
 
-def _timed(fn, device: torch.device, group=None) -> float:
-    tdist.barrier(group=group)
+def _timed(fn, device: torch.device, inner: int = 1) -> float:
+    """Seconds per call of ``fn``, over ``inner`` back-to-back calls started together after a barrier."""
+    tdist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(inner):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / inner
 
 
-def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, repeats: int) -> dict:
+def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, repeats: int,
+           bucket_bytes: int | None, inner: int) -> dict:
     """Runs on every rank; rank 0's return value is the result."""
     device, world, rank = ctx.device, ctx.world_size, ctx.rank
     size, channels = SHAPES[arch]
     torch.manual_seed(0)
-    model = create_model(arch, image_size=size, channels=channels).to(device)
+    # As fedrun.train builds it: channels_last, one client per rank whose parameters the averager adopts.
+    model = create_model(arch, image_size=size, channels=channels).to(device).to(memory_format=torch.channels_last)
     groups = parameter_groups(model)
-    # One client per rank, its own copy of the weights (as fedrun.train hosts several clients per rank).
-    mine = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # The packed path (a rank hosting several clients) on its own copy of the weights.
+    copy = {n: p.detach().clone() for n, p in model.named_parameters()}
     solo = [tdist.new_group([r]) for r in range(world)]  # every rank creates every group, in order
     rows = []
     for dtype in dtypes:
         for method in methods:
             plan = plan_round(method, 1, world, SEED)
-            avg = Averager(groups, [1000] * world, exchange_dtype=dtype)
-            local = Averager(groups, [1000], group=solo[rank], exchange_dtype=dtype)
+            in_place = Averager(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
+            assert in_place.adopt(model)
+            mine = {n: p.data for n, p in model.named_parameters()}
+            packed = Averager(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
+            local = Averager(groups, [1000], group=solo[rank], exchange_dtype=dtype, bucket_bytes=bucket_bytes)
             local_plan = plan_round(method, 1, 1, SEED)  # one client: the same shared groups, no peer
             assert local_plan.shared_groups() == plan.shared_groups() or method == "usplit"
             # bf16 exchanges changes against a reference (steady state); without one the first sync is fp32.
-            avg.set_reference(mine)
-            local.set_reference(mine)
-            first = avg.sync(plan, {rank: mine})
+            for avg, params in ((in_place, mine), (packed, copy), (local, copy)):
+                avg.set_reference(params)
+            first = in_place.sync(plan, {rank: mine})
+            assert in_place._buffer is None, "the adopted model did not sync in place"
             nbytes = first.bytes
+            assert packed.sync(plan, {rank: copy}).bytes == nbytes
             wire = torch.bfloat16 if dtype == "bf16" else torch.float32
             flat = torch.ones(nbytes // wire.itemsize, dtype=wire, device=device)
             ops = {
-                "sync": lambda: avg.sync(plan, {rank: mine}),  # noqa: B023 (used inside this iteration)
+                "in_place": lambda: in_place.sync(plan, {rank: mine}),  # noqa: B023 (used inside this iteration)
+                "packed": lambda: packed.sync(plan, {rank: copy}),  # noqa: B023
                 "flat": lambda: tdist.all_reduce(flat),  # noqa: B023
-                "local": lambda: local.sync(local_plan, {0: mine}),  # noqa: B023
+                "local": lambda: local.sync(local_plan, {0: copy}),  # noqa: B023
             }
             for _ in range(warmup):
                 for fn in ops.values():
                     _timed(fn, device)
+            # Each timing is `inner` calls in a row (the barrier's own jitter spread over them); the order of
+            # the operations rotates from repeat to repeat, so none always runs right after the same other.
             times: dict[str, list[float]] = {k: [] for k in ops}
-            for _ in range(repeats):
-                for k, fn in ops.items():
-                    times[k].append(_timed(fn, device))
+            names = list(ops)
+            for i in range(repeats):
+                for k in names[i % len(names) :] + names[: i % len(names)]:
+                    times[k].append(_timed(ops[k], device, inner))
             # The slower rank decides how long a collective step takes.
             gathered: list[Any] = [None] * world
             tdist.all_gather_object(gathered, times)
             worst = {k: [max(g[k][i] for g in gathered) for i in range(repeats)] for k in ops}
+            med = {k: median(worst[k]) for k in ops}
             rows.append({"method": method, "exchange_dtype": dtype, "groups": list(plan.shared_groups()),
                          "bytes": nbytes, "flat_bytes": flat.numel() * flat.element_size(),
-                         "collectives": first.collectives,
+                         "collectives": first.collectives, "packed_collectives": len(packed._buckets),
                          **{f"{k}_s": worst[k] for k in ops},
-                         **{f"{k}_median_s": median(worst[k]) for k in ops},
-                         "ratio": median(worst["sync"]) / median(worst["flat"])})
+                         **{f"{k}_median_s": med[k] for k in ops},
+                         "ratio": med["in_place"] / med["flat"],
+                         "packed_ratio": med["packed"] / med["flat"]})
     return {"rows": rows, "backend": ctx.backend, "world_size": world}
 
 
 def on_device(arch: str, rows: list[dict], device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    """In this process, on ``device``: Averager.sync with no peer (everything but the collective) vs one
-    device copy of the same bytes. On a GPU this is where per-parameter kernel launches show."""
+    """In this process, on ``device``: the packed Averager.sync with no peer (everything but the collective)
+    vs one device copy of the same bytes. On a GPU this is where per-parameter kernel launches show."""
     size, channels = SHAPES[arch]
     torch.manual_seed(0)
     model = create_model(arch, image_size=size, channels=channels).to(device)
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--exchange", default="fp32,bf16", help="exchange dtypes: fp32, bf16 or both")
     p.add_argument("--repeats", type=int, help="timed repeats (median reported); default 20, quick 2")
     p.add_argument("--warmup", type=int, help="untimed repeats first; default 3, quick 1")
+    p.add_argument("--inner", type=int, help="calls per timing (back to back); default 5, quick 1")
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
+                   help=f"Averager bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket")
     args = parse_args(p, argv)
 
     device = pick_device(args.device)
@@ -149,26 +169,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (2 if args.quick else 20)
     warmup = args.warmup or (1 if args.quick else 3)
 
-    out = spawn_ranks(worker, 2, device.type, args.arch, methods, dtypes, warmup, repeats)
+    bucket_bytes = int(args.bucket_mb * 2**20) or None
+    inner = args.inner or (1 if args.quick else 5)
+    out = spawn_ranks(worker, 2, device.type, args.arch, methods, dtypes, warmup, repeats, bucket_bytes, inner)
     rows = out["rows"]
-    table = [[r["method"], r["exchange_dtype"], r["bytes"], r["collectives"], 1e3 * r["sync_median_s"],
-              1e3 * r["flat_median_s"], r["ratio"], 1e3 * r["local_median_s"]] for r in rows]
-    targets = [check(f"sync {r['method']} ({r['exchange_dtype']}) / one flat all-reduce of the same bytes",
+    table = [[r["method"], r["exchange_dtype"], r["bytes"], r["collectives"], 1e3 * r["in_place_median_s"],
+              1e3 * r["flat_median_s"], r["ratio"], 1e3 * r["packed_median_s"], r["packed_ratio"],
+              1e3 * r["local_median_s"]] for r in rows]
+    targets = [check(f"sync {r['method']} ({r['exchange_dtype']}), in place / one flat all-reduce of the same bytes",
                      r["ratio"], "<=", LIMIT) for r in rows]
     title = (f"Averager.sync vs one all_reduce of a flat buffer of the same bytes: {args.arch}, "
-             f"{out['world_size']} ranks ({out['backend']}), median of {repeats}, slower rank")
+             f"{out['world_size']} ranks ({out['backend']}), median of {repeats} x {inner} calls, slower rank. "
+             "'in place': one client per rank, parameters adopted (what fedrun train does then); 'packed': the "
+             "path of ranks hosting several clients; 'local': the packed sync without a peer (pack + unpack)")
     if note:
         print("note: " + note)
     payload = {"config": {"arch": args.arch, "backend": out["backend"], "world_size": out["world_size"],
+                          "bucket_bytes": bucket_bytes, "inner": inner,
                           "repeats": repeats, "warmup": warmup, "quick": args.quick, "note": note},
                "results": rows,
                "ratios": {f"{r['method']}/{r['exchange_dtype']}": r["ratio"] for r in rows}}
-    headers = ["method", "exchange", "bytes", "buckets", "sync ms", "flat all-reduce ms", "ratio", "local ms"]
+    headers = ["method", "exchange", "bytes", "buckets", "in place ms", "flat all-reduce ms", "ratio", "packed ms",
+               "packed ratio", "local ms"]
     tables = [(title, headers, table)]
     if gpu is not None:
         local = on_device(args.arch, rows, gpu, warmup, repeats)
         payload["on_device"] = local
-        tables.append((f"Averager.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack, divide, copy "
+        tables.append((f"Packed Averager.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
                        "back) vs one device copy of the same bytes",
                        ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
                        [[r["method"], r["exchange_dtype"], r["bytes"], 1e3 * r["sync_median_s"],

@@ -62,7 +62,8 @@ def test_bench_sync(tmp_path):
     assert doc["config"]["backend"] == "gloo" and doc["config"]["world_size"] == 2
     for r in doc["results"]:
         assert r["bytes"] == r["flat_bytes"] > 0
-        assert min(r["sync_median_s"], r["flat_median_s"], r["local_median_s"]) > 0
+        assert min(r["in_place_median_s"], r["packed_median_s"], r["flat_median_s"], r["local_median_s"]) > 0
+        assert r["packed_collectives"] >= 1
     assert len(doc["targets"]) == 8
 
 
