@@ -26,6 +26,7 @@ from evaluation.fid import (
     fid_of_images,
     find_inception_weights,
     known_datasets,
+    load_images_npz,
     load_stats,
     parse_source,
     reference_statistics,
@@ -42,6 +43,8 @@ from evaluation.sample import (
     save_npz,
 )
 
+STAGES = ("all", "sample", "score")
+SAMPLES_JSON = "samples.json"
 FID_FLOOR_NOTE = (
     "FID is biased upwards at small sample counts: 1,000 real Fashion-MNIST training images score "
     "about 15.5 against the 10,000 test images, so numbers are comparable only under the same protocol"
@@ -110,26 +113,34 @@ def _broadcast(obj: Any) -> Any:
 
 def evaluate_run(
     run_dir: str | os.PathLike[str],
-    num_samples: int = 1000,
+    num_samples: int | None = None,
     ref: str | None = None,
-    sampler: str = "ddpm",
+    sampler: str | None = None,
     steps: int | None = None,
     weights: str | None = None,
     device: str | torch.device = "auto",
     batch_size: int = 250,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     inception_weights: str | os.PathLike[str] | None = None,
     data_root: str | os.PathLike[str] | None = None,
     fid_batch_size: int = 50,
     progress: bool | None = None,
     write: bool = True,
+    stage: str = "all",
 ) -> dict[str, Any]:
     """Sample every model of a finished run, score it, write fid.json, TensorBoard scalars and samples.
 
+    ``stage``: 'all' samples and scores; 'sample' only samples (``eval/samples_*.npz`` and grids, plus
+    ``eval/samples.json`` with the protocol: no Inception weights or reference needed, e.g. on a GPU node
+    without them); 'score' scores those saved samples under the protocol recorded with them (e.g. later, on
+    a CPU machine that has the weights), then writes fid.json as 'all' would.
+
+
     Models: ``models/global[_ema].pt`` (FULL/USplit) or ``models/client{k}[_ema].pt`` (UDec/ULatDec,
-    one FID per client; fid/fid_std are their mean and population std). ``weights``: raw, ema, both,
-    or None = both when EMA files exist. Every model is sampled with the same seed (same noise), so raw
+    one FID per client; fid/fid_std are their mean and population std). ``num_samples`` (None = 1,000, the
+    paper's), ``sampler`` (None = 'ddpm') and ``seed`` (None = 0) set the protocol. ``weights``: raw, ema,
+    both, or None = both when EMA files exist. Every model is sampled with the same seed (same noise), so raw
     vs EMA and client vs client differ only by the weights. ``ref``: a statistics .npz, an image
     folder, an .npz of images or a dataset split; None = the run dataset's test split. Computed
     reference statistics are cached under ``<data root>/fid_stats`` (else ``RUN_DIR/eval``).
@@ -142,26 +153,40 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise EvalError(f"{run_dir} is not a run directory (no config.json)")
+    if stage not in STAGES:
+        raise EvalError(f"invalid stage={stage!r}: allowed: {', '.join(STAGES)}")
     cfg = RunConfig.from_json((run_dir / "config.json").read_text())
     method, num_clients = cfg.federation.method, cfg.federation.clients
-    files = run_model_files(run_dir, method, num_clients, weights)
-    ddim_steps = sampler_steps(sampler, steps)
+    eval_dir = run_dir / "eval"
+    saved = _saved_samples(eval_dir, num_samples, sampler, steps, seed, weights) if stage == "score" else None
+    if saved is not None:  # the protocol is the one the samples were drawn with
+        num_samples, sampler, seed = saved["num_samples"], saved["sampler"], saved["seed"]
+        ddim_steps, batch_size = saved["ddim_steps"], saved["batch_size"]
+        files = {kind: [(label, eval_dir / name) for label, name in entries.items()]
+                 for kind, entries in saved["files"].items()}
+    else:
+        num_samples = 1000 if num_samples is None else num_samples
+        sampler = sampler or "ddpm"
+        seed = 0 if seed is None else seed
+        files = run_model_files(run_dir, method, num_clients, weights)
+        ddim_steps = sampler_steps(sampler, steps)
     if num_samples < 2:
         raise EvalError(f"invalid num_samples={num_samples}: FID needs at least 2")
+    score = stage != "sample"
     ref = ref or default_reference(cfg)
     data_root = data_root or cfg.data.root
-    ref_source = parse_source(ref)  # a bad --ref fails before anything is computed
-    find_inception_weights(inception_weights)  # as does a missing weights file
+    if score:
+        parse_source(ref)  # a bad --ref fails before anything is computed
+        find_inception_weights(inception_weights)  # as does a missing weights file
     dev = _device(device)
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    eval_dir = run_dir / "eval"
 
     # Reference first (rank 0), so a missing data set fails before minutes of sampling; the outcome is
     # shared so that no rank waits in a collective for a rank that has failed.
     stats, error = None, None
-    if is_main:
+    if is_main and score:
         try:
-            size = cfg.data.image_size if ref_source.kind == "dataset" else None  # as the model saw it
+            size = cfg.data.image_size if parse_source(ref).kind == "dataset" else None  # as the model saw it
             stats = reference_statistics(ref, data_root=data_root, image_size=size, batch_size=fid_batch_size,
                                          device=dev, weights=inception_weights, progress=progress,
                                          cache_dirs=[Path(data_root) / "fid_stats", eval_dir])
@@ -176,22 +201,27 @@ def evaluate_run(
     channels, size = image_shape(cfg)
     diffusion = build_diffusion(cfg)
     results: dict[str, Any] = {}
+    written: dict[str, dict[str, str]] = {}
     for kind, entries in files.items():
         per_model: dict[str, float] = {}
         for label, path in entries:
-            model = load_weights(build_model(cfg), path).to(dev)
-            x = sample_images(model, diffusion, num_samples, (channels, size, size), sampler=sampler,
-                              steps=ddim_steps, batch_size=batch_size, device=dev, seed=seed,
-                              progress=progress)
-            if is_main:
-                stem = f"{label}_{kind}"
-                if write:
+            if saved is not None:
+                x = load_images_npz(path) if is_main else None
+            else:
+                model = load_weights(build_model(cfg), path).to(dev)
+                x = sample_images(model, diffusion, num_samples, (channels, size, size), sampler=sampler,
+                                  steps=ddim_steps, batch_size=batch_size, device=dev, seed=seed,
+                                  progress=progress)
+                del model
+                if is_main and (write or not score):
+                    stem = f"{label}_{kind}"
                     save_npz(x, eval_dir / f"samples_{stem}.npz")
                     save_grid(x, eval_dir / f"grid_{stem}.png")
+                    written.setdefault(kind, {})[label] = f"samples_{stem}.npz"
+            if is_main and score:
                 per_model[label] = fid_of_images(x, stats, batch_size=fid_batch_size, device=dev,
                                                  weights=inception_weights, progress=progress)
-            del model
-        if is_main:
+        if is_main and score:
             values = list(per_model.values())
             results[kind] = {
                 "fid": float(np.mean(values)),
@@ -200,8 +230,24 @@ def evaluate_run(
                 "models": per_model,
             }
 
+    protocol = {
+        "num_samples": num_samples,
+        "reference": ref if score else None,
+        "sampler": sampler,
+        "steps": ddim_steps if ddim_steps is not None else cfg.diffusion.timesteps,
+        "weights": list(files),
+        "seed": seed,
+        "batch_size": batch_size,
+        "inception": f"pytorch-fid InceptionV3 pool3 (2048-d), {WEIGHTS_FILENAME}",
+        "note": FID_FLOOR_NOTE,
+    }
     out: dict[str, Any] | None = None
-    if is_main:
+    if is_main and not score:
+        out = {"stage": "sample", "files": written, "method": method, "clients": num_clients,
+               "rounds": cfg.federation.rounds, "ddim_steps": ddim_steps,
+               "protocol": {k: v for k, v in protocol.items() if k not in ("reference", "inception", "note")}}
+        _write_json(eval_dir / SAMPLES_JSON, out)
+    elif is_main:
         headline = "ema" if "ema" in results else "raw"
         out = {
             "fid": results[headline]["fid"],
@@ -212,22 +258,41 @@ def evaluate_run(
             "method": method,
             "clients": num_clients,
             "rounds": cfg.federation.rounds,
-            "protocol": {
-                "num_samples": num_samples,
-                "reference": ref,
-                "sampler": sampler,
-                "steps": ddim_steps if ddim_steps is not None else cfg.diffusion.timesteps,
-                "weights": list(results),
-                "seed": seed,
-                "batch_size": batch_size,
-                "inception": f"pytorch-fid InceptionV3 pool3 (2048-d), {WEIGHTS_FILENAME}",
-                "note": FID_FLOOR_NOTE,
-            },
+            "protocol": {**protocol, **({"sampled_apart": True} if saved is not None else {})},
         }
         if write:
             _write_json(run_dir / "fid.json", out)
             _log_tensorboard(run_dir / "tb", results, cfg.federation.rounds)
     return _broadcast(out)
+
+
+def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None, steps: int | None,
+                   seed: int | None, weights: str | None) -> dict[str, Any]:
+    """What ``stage='sample'`` recorded, checked against the sampling arguments given (None = not given)."""
+    path = eval_dir / SAMPLES_JSON
+    if not path.is_file():
+        raise EvalError(f"no saved samples: {path} is missing; run `fedrun eval RUN_DIR --stage sample` first")
+    rec = json.loads(path.read_text())
+    proto = rec["protocol"]
+    given = {"num_samples": num_samples, "sampler": sampler, "seed": seed}
+    if steps is not None:
+        given["steps"] = steps
+    for key, value in given.items():
+        if value is not None and value != proto[key]:
+            raise EvalError(f"--{key.replace('_', '-')} {value} differs from the saved samples' {proto[key]} "
+                            f"({path}): drop it, or sample again")
+    files = rec["files"]
+    if weights is not None:
+        wanted = ["raw", "ema"] if weights == "both" else [weights]
+        missing = [k for k in wanted if k not in files]
+        if missing:
+            raise EvalError(f"no saved {', '.join(missing)} samples in {path} (saved: {', '.join(files)})")
+        files = {k: files[k] for k in wanted}
+    absent = [name for entries in files.values() for name in entries.values() if not (eval_dir / name).is_file()]
+    if absent:
+        raise EvalError(f"saved sample file(s) missing from {eval_dir}: {', '.join(absent)}")
+    return {"num_samples": proto["num_samples"], "sampler": proto["sampler"], "seed": proto["seed"],
+            "batch_size": proto["batch_size"], "ddim_steps": rec["ddim_steps"], "files": files}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -268,16 +333,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "fid/<weights> to RUN_DIR/tb and samples to RUN_DIR/eval/. "
                                    + FID_FLOOR_NOTE + ".")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--num-samples", type=_positive_int, default=1000, help="samples per model (paper: 1000)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                   help="ddpm: ancestral over all T steps (paper); ddim: --steps steps")
+    p.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="samples per model (default 1000, the paper's)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="ddpm (default): ancestral over all T steps (paper); ddim: --steps steps")
     p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
     p.add_argument("--weights", choices=("raw", "ema", "both"), default=None,
                    help="which weights to score (default: both when EMA files exist, else raw)")
     p.add_argument("--ref", default=None,
                    help="reference: DATASET:SPLIT (default: the run dataset's test split), a statistics "
                         ".npz, an image folder or an .npz of images")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
+    p.add_argument("--stage", choices=STAGES, default="all",
+                   help="all: sample and score; sample: only write eval/samples_*.npz (no Inception weights "
+                        "needed, e.g. on a GPU node); score: score those saved samples (e.g. on another machine)")
     p.add_argument("--batch-size", type=_positive_int, default=250, help="sampling batch size per rank")
     p.add_argument("--fid-batch-size", type=_positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: each rank its GPU)")
@@ -332,12 +401,20 @@ def run_eval(args: argparse.Namespace) -> int:
         out = evaluate_run(args.run_dir, num_samples=args.num_samples, ref=args.ref, sampler=args.sampler,
                            steps=args.steps, weights=args.weights, device=ctx.device,
                            batch_size=args.batch_size, seed=args.seed, data_root=args.data_root,
-                           inception_weights=args.inception_weights, fid_batch_size=args.fid_batch_size)
+                           inception_weights=args.inception_weights, fid_batch_size=args.fid_batch_size,
+                           stage=args.stage)
     except EvalError as e:
         return _error(e)
     finally:
         cleanup()
-    if ctx.is_main:
+    if ctx.is_main and args.stage == "sample":
+        eval_dir = Path(args.run_dir) / "eval"
+        for kind, entries in out["files"].items():
+            for label, name in entries.items():
+                print(f"samples ({label}, {kind}): {eval_dir / name}")
+        print(f"wrote {eval_dir / SAMPLES_JSON}; score them with: fedrun eval {args.run_dir} --stage score",
+              file=sys.stderr)
+    elif ctx.is_main:
         for kind, r in out["results"].items():
             extra = f" ± {r['fid_std']:.2f} over {len(r['per_client'])} clients" if r["per_client"] else ""
             print(f"FID ({kind}): {r['fid']:.2f}{extra}")

@@ -48,7 +48,8 @@ def _scalars(tb_dir: Path) -> dict[str, list[float]]:
 def test_register_adds_the_three_subcommands():
     parser = build_parser()
     a = parser.parse_args(["eval", "RUN", "--sampler", "ddim", "--steps", "5", "--weights", "raw"])
-    assert a.func is run_eval and a.num_samples == 1000 and a.steps == 5 and a.weights == "raw"
+    assert a.func is run_eval and a.steps == 5 and a.weights == "raw" and a.stage == "all"
+    assert a.num_samples is None and a.seed is None  # None: the protocol's defaults (1000, 0), or the saved one
     a = parser.parse_args(["fid", "A", "B", "--limit", "10"])
     assert a.func is run_fid and a.sources == ["A", "B"] and a.limit == 10 and not a.save_stats
     assert parser.parse_args(["fid", "--save-stats", "A", "o.npz", "--num", "3"]).limit == 3
@@ -174,6 +175,36 @@ def test_eval_udec_run_reports_one_fid_per_client_raw_and_ema(tmp_path, torch_ho
     assert set(tags) == {"fid/raw", "fid/ema", "fid/raw/client0", "fid/raw/client1", "fid/ema/client0",
                          "fid/ema/client1"}
     assert tags["fid/ema/client1"] == [pytest.approx(out["results"]["ema"]["per_client"][1])]
+
+
+@pytest.mark.slow
+def test_eval_stage_sample_then_score_equals_one_go(tmp_path, torch_home, fid_stats_path, monkeypatch, capsys):
+    """Sample where there are no Inception weights (a GPU node), score elsewhere: the same fid.json numbers."""
+    run = _tiny_run(tmp_path, ema=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    assert fedrun_main(["eval", str(run), "--stage", "score", "--device", "cpu"]) == 2
+    assert "--stage sample" in capsys.readouterr().err  # nothing sampled yet
+    args = ["--num-samples", "6", "--sampler", "ddim", "--steps", "3", "--batch-size", "6", "--seed", "4"]
+    assert fedrun_main(["eval", str(run), "--stage", "sample", "--device", "cpu", *args]) == 0
+    assert "--stage score" in capsys.readouterr().err
+    rec = json.loads((run / "eval" / "samples.json").read_text())
+    assert rec["files"] == {"raw": {"global": "samples_global_raw.npz"}, "ema": {"global": "samples_global_ema.npz"}}
+    assert rec["protocol"]["num_samples"] == 6 and rec["protocol"]["steps"] == 3 and rec["protocol"]["seed"] == 4
+    assert not (run / "fid.json").exists()
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    assert fedrun_main(["eval", str(run), "--stage", "score", "--sampler", "ddpm", "--device", "cpu"]) == 2
+    assert "differs from the saved samples' ddim" in capsys.readouterr().err
+    assert fedrun_main(["eval", str(run), "--stage", "score", "--ref", str(fid_stats_path), "--device", "cpu"]) == 0
+    apart = json.loads((run / "fid.json").read_text())
+    assert apart["protocol"]["sampled_apart"] and apart["protocol"]["steps"] == 3
+
+    again = _tiny_run(tmp_path / "again", ema=True)
+    one_go = evaluate_run(again, num_samples=6, ref=str(fid_stats_path), sampler="ddim", steps=3, device="cpu",
+                          batch_size=6, seed=4)
+    for kind in ("raw", "ema"):
+        assert apart["results"][kind]["fid"] == pytest.approx(one_go["results"][kind]["fid"], rel=1e-9)
+    assert {k: v for k, v in apart["protocol"].items() if k != "sampled_apart"} == one_go["protocol"]
 
 
 def test_eval_errors_are_one_line(tmp_path, capsys, monkeypatch, torch_home):
