@@ -424,18 +424,17 @@ class Averager:
         seg, src = part.seg, part.views
         if ref is not None:
             ref = ref[part.glo : part.glo + part.hi - part.lo]
+        if part.wire is not seg:
+            seg.copy_(part.wire)  # bf16 -> buffer dtype, exact (then same-dtype ops: mixed ones are slow)
         if delta and seg.dtype == torch.float32:
-            ref.add_(part.wire)  # ref + average change, read straight from bf16 (the cast is exact)
+            ref.add_(seg)  # ref + average change
             src = [self._reference[n] for n in part.names]
-        else:
-            if part.wire is not seg:
-                seg.copy_(part.wire)  # bf16 -> buffer dtype, exact
-            if delta:  # a float64 buffer
-                refs = [self._reference[n] for n in part.names]
-                torch._foreach_add_(src, refs)
-                torch._foreach_copy_(refs, src)
-            elif ref is not None:
-                ref.copy_(seg)
+        elif delta:  # a float64 buffer
+            refs = [self._reference[n] for n in part.names]
+            torch._foreach_add_(src, refs)
+            torch._foreach_copy_(refs, src)
+        elif ref is not None:
+            ref.copy_(seg)
         lo, hi = part.first, part.first + len(part.names)
         for k in hosted:
             torch._foreach_copy_(params[k][lo:hi], src)
@@ -555,8 +554,9 @@ class Averager:
                     if f == 0:
                         self._flat_send[a:z].zero_()
                     else:  # (theta - ref) in fp32, then w * change rounded once to bf16, as the packed path
-                        flat[a:z].sub_(refs[i][a - ranges[i][0] : z - ranges[i][0]])
-                        torch.mul(flat[a:z], f, out=self._flat_send[a:z])
+                        # (same-dtype ops, then one cast: mixed-dtype kernels run ~10x slower on CPU)
+                        flat[a:z].sub_(refs[i][a - ranges[i][0] : z - ranges[i][0]]).mul_(f)
+                        self._flat_send[a:z].copy_(flat[a:z])
                 elif f == 0:
                     flat[a:z].zero_()
                 elif f != 1:
@@ -583,7 +583,8 @@ class Averager:
                 raise
         if delta:
             for (a, z), ref in zip(ranges, refs, strict=True):
-                ref.add_(self._flat_send[a:z])  # reference + average change, exact cast from bf16
+                flat[a:z].copy_(self._flat_send[a:z])  # the average change (the cast from bf16 is exact)
+                ref.add_(flat[a:z])  # reference + average change
                 flat[a:z].copy_(ref)
         elif self.exchange_dtype == "bf16":  # values exchanged (no reference yet): they become the references
             for g, (a, z) in zip(shared, ranges, strict=True):
