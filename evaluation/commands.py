@@ -202,8 +202,10 @@ def evaluate_run(
     diffusion = build_diffusion(cfg)
     results: dict[str, Any] = {}
     written: dict[str, dict[str, str]] = {}
+    mean_pixels: dict[str, dict[str, float]] = {}
     for kind, entries in files.items():
         per_model: dict[str, float] = {}
+        brightness: dict[str, float] = {}
         for label, path in entries:
             if saved is not None:
                 x = load_images_npz(path) if is_main else None
@@ -218,9 +220,12 @@ def evaluate_run(
                     save_npz(x, eval_dir / f"samples_{stem}.npz")
                     save_grid(x, eval_dir / f"grid_{stem}.png")
                     written.setdefault(kind, {})[label] = f"samples_{stem}.npz"
+            if is_main:  # mean pixel (0-255): drifting brightness is a known failure of raw DDPM weights
+                brightness[label] = round(float(x.float().mean()), 3)
             if is_main and score:
                 per_model[label] = fid_of_images(x, stats, batch_size=fid_batch_size, device=dev,
                                                  weights=inception_weights, progress=progress)
+        mean_pixels[kind] = brightness
         if is_main and score:
             values = list(per_model.values())
             results[kind] = {
@@ -228,6 +233,7 @@ def evaluate_run(
                 "fid_std": float(np.std(values, ddof=0)),
                 "per_client": values if method in ("udec", "ulatdec") else None,
                 "models": per_model,
+                "mean_pixel": brightness,
             }
 
     protocol = {
@@ -243,7 +249,8 @@ def evaluate_run(
     }
     out: dict[str, Any] | None = None
     if is_main and not score:
-        out = {"stage": "sample", "files": written, "method": method, "clients": num_clients,
+        out = {"stage": "sample", "files": written, "mean_pixel": mean_pixels, "method": method,
+               "clients": num_clients,
                "rounds": cfg.federation.rounds, "ddim_steps": ddim_steps,
                "protocol": {k: v for k, v in protocol.items() if k not in ("reference", "inception", "note")}}
         _write_json(eval_dir / SAMPLES_JSON, out)
@@ -336,7 +343,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=_positive_int, default=None,
                    help="samples per model (default 1000, the paper's)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm (default): ancestral over all T steps (paper); ddim: --steps steps")
+                   help="ddpm (default): ancestral over all T steps (the paper's sampler); ddpm-clip: the same "
+                        "with x0 clipped to [-1, 1] each step (Ho et al.'s code); ddim: --steps steps")
     p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
     p.add_argument("--weights", choices=("raw", "ema", "both"), default=None,
                    help="which weights to score (default: both when EMA files exist, else raw)")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from evaluation.fid import EvalError, progress_bar
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddpm-clip", "ddim")
 DEFAULT_DDIM_STEPS = 50
 WEIGHT_KINDS = ("raw", "ema")
 
@@ -29,9 +29,9 @@ def sampler_steps(sampler: str, steps: int | None) -> int | None:
     """What ``GaussianDiffusion.sample`` takes: None for ancestral DDPM over all T steps, else DDIM steps."""
     if sampler not in SAMPLERS:
         raise EvalError(f"invalid sampler={sampler!r}: allowed: {', '.join(SAMPLERS)}")
-    if sampler == "ddpm":
+    if sampler in ("ddpm", "ddpm-clip"):
         if steps is not None:
-            raise EvalError("--steps applies to --sampler ddim; ddpm always runs all T steps")
+            raise EvalError(f"--steps applies to --sampler ddim; {sampler} always runs all T steps")
         return None
     steps = DEFAULT_DDIM_STEPS if steps is None else int(steps)
     if steps < 1:
@@ -73,10 +73,12 @@ def sample_images(
 ) -> Tensor:
     """``num_samples`` images, uint8 [N, C, H, W] on the CPU, from ``diffusion.sample`` with ``model``.
 
-    image_shape: (C, H, W). sampler: 'ddpm' (ancestral, all T steps; the paper) or 'ddim' (``steps``,
-    default 50). With a process group (``distributed`` None = use one if initialised) every rank samples
-    its share of the batches and all ranks return the full, ordered set (all_gather). The model is put
-    in eval mode for sampling and its training flag restored afterwards.
+    image_shape: (C, H, W). sampler: 'ddpm' (ancestral, all T steps; the paper's annotated-diffusion
+    sampler), 'ddpm-clip' (the same with x_0 clipped to [-1, 1] at every step, as Ho et al.'s code and
+    diffusers' DDPMScheduler) or 'ddim' (``steps``, default 50). With a process group (``distributed``
+    None = use one if initialised) every rank samples its share of the batches and all ranks return the
+    full, ordered set (all_gather). The model is put in eval mode for sampling and its training flag
+    restored afterwards.
     """
     ddim_steps = sampler_steps(sampler, steps)
     if num_samples < 1 or batch_size < 1:
@@ -99,7 +101,7 @@ def sample_images(
                 n = min(batch_size, num_samples - i * batch_size)
                 g = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
                 x = diffusion.sample(model, (n, *shape), device, steps=ddim_steps, generator=g,
-                                     progress=lambda *_: bar.update(1))
+                                     progress=lambda *_: bar.update(1), clip_x0=sampler == "ddpm-clip")
                 out.append(to_uint8(x).cpu())  # [n, C, H, W] uint8
         finally:
             model.train(was_training)

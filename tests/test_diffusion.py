@@ -271,3 +271,47 @@ def test_huber_matches_torch() -> None:
     d = GaussianDiffusion(loss="huber")
     loss = d.training_loss(_Const(0.0), torch.zeros(1, 2), t=torch.tensor([0]), noise=-pred.view(1, 2))
     assert loss.item() == pytest.approx((0.5 * 0.04 + 2.5) / 2)
+
+
+def test_posterior_mean_coefficients_equal_eq11_when_nothing_is_clipped() -> None:
+    # coef1 x0_hat + coef2 x_t with x0_hat = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is Ho et al.'s eq. 11.
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    for t in (0, 1, 10, 500, 999):
+        abar = d._f64["alphas_cumprod"][t]
+        beta = d._f64["betas"][t]
+        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        via_x0 = d._f64["posterior_mean_coef1"][t] * x0 + d._f64["posterior_mean_coef2"][t] * x
+        eq11 = (x - beta / math.sqrt(1 - abar) * eps) / math.sqrt(1 - beta)
+        torch.testing.assert_close(via_x0, eq11, atol=1e-9, rtol=1e-9)
+    assert d._f64["posterior_mean_coef1"][0] == pytest.approx(1.0) and d._f64["posterior_mean_coef2"][0] == 0.0
+
+
+def test_clip_x0_sampler_by_hand_and_equal_to_eq11_inside_the_range() -> None:
+    d = GaussianDiffusion(timesteps=2)
+
+    def big_eps(x: Tensor, t: Tensor) -> Tensor:  # at t = 1 predicts x0 far above 1, at t = 0 eps = 0
+        return torch.where(t.view(-1, 1, 1, 1) == 1, -300.0, 0.0).expand_as(x)
+
+    shape = (2, 1, 2, 2)
+    out = d.p_sample_loop(big_eps, shape, "cpu", generator=torch.Generator().manual_seed(5), clip_x0=True)
+    g = torch.Generator().manual_seed(5)
+    s = d._f64
+    x = torch.randn(shape, generator=g)
+    for t in (1, 0):
+        eps = -300.0 if t == 1 else 0.0
+        x0 = ((x - eps * s["sqrt_one_minus_alphas_cumprod"][t]) / s["sqrt_alphas_cumprod"][t]).clamp(-1, 1)
+        x = s["posterior_mean_coef1"][t] * x0 + s["posterior_mean_coef2"][t] * x
+        if t > 0:
+            x = x + math.sqrt(s["posterior_variance"][t]) * torch.randn(shape, generator=g)
+    torch.testing.assert_close(out, x.clamp(-1, 1), atol=1e-6, rtol=0)
+    unclipped = d.p_sample_loop(big_eps, shape, "cpu", generator=torch.Generator().manual_seed(5))
+    assert unclipped.eq(1.0).all() and out.lt(1.0).any()  # unclipped, x_1 ran off to ~+40: all saturate
+    # A point mass inside [-1, 1]: the oracle's x0 is never clipped, so both chains are the same.
+    c = torch.tensor([0.25, -0.6, 0.9]).view(1, 3, 1, 1).double()
+    d = GaussianDiffusion(timesteps=50)
+    a = d.p_sample_loop(_oracle(d, c), (4, 3, 2, 2), "cpu", generator=torch.Generator().manual_seed(1))
+    b = d.p_sample_loop(_oracle(d, c), (4, 3, 2, 2), "cpu", generator=torch.Generator().manual_seed(1),
+                        clip_x0=True)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -198,6 +198,10 @@ def test_eval_stage_sample_then_score_equals_one_go(tmp_path, torch_home, fid_st
     assert fedrun_main(["eval", str(run), "--stage", "score", "--ref", str(fid_stats_path), "--device", "cpu"]) == 0
     apart = json.loads((run / "fid.json").read_text())
     assert apart["protocol"]["sampled_apart"] and apart["protocol"]["steps"] == 3
+    for kind in ("raw", "ema"):  # mean pixel of the samples, recorded at both stages
+        x = np.load(run / "eval" / f"samples_global_{kind}.npz")["x"]
+        assert rec["mean_pixel"][kind]["global"] == apart["results"][kind]["mean_pixel"]["global"]
+        assert apart["results"][kind]["mean_pixel"]["global"] == pytest.approx(x.mean(), abs=1e-3)
 
     again = _tiny_run(tmp_path / "again", ema=True)
     one_go = evaluate_run(again, num_samples=6, ref=str(fid_stats_path), sampler="ddim", steps=3, device="cpu",

@@ -58,6 +58,23 @@ def test_ddpm_runs_all_T_steps_and_ddim_the_chosen_number():
         S.sampler_steps("euler", None)
 
 
+def test_ddpm_clip_sampler_clips_x0_each_step():
+    class Bright(nn.Module):  # eps pushing x0 far above 1: the clipped chain stays inside, the plain one not
+        def forward(self, x, t):
+            return torch.where(t.view(-1, 1, 1, 1) > 0, -50.0, 0.0).expand_as(x)
+
+    d = _diffusion(T=20)
+    clip = S.sample_images(Bright(), d, 4, (1, 4, 4), sampler="ddpm-clip", batch_size=4, seed=3)
+    plain = S.sample_images(Bright(), d, 4, (1, 4, 4), sampler="ddpm", batch_size=4, seed=3)
+    g = torch.Generator().manual_seed(S.batch_seed(3, 0))
+    direct = d.sample(Bright(), (4, 1, 4, 4), "cpu", generator=g, clip_x0=True)
+    assert torch.equal(clip, S.to_uint8(direct))
+    assert plain.eq(255).all() and clip.lt(255).any()
+    assert S.sampler_steps("ddpm-clip", None) is None
+    with pytest.raises(EvalError, match="ddpm-clip always runs all T steps"):
+        S.sampler_steps("ddpm-clip", 5)
+
+
 def test_model_mode_is_eval_while_sampling_and_restored_after():
     net = CountingNet().train()
     S.sample_images(net, _diffusion(), 2, (1, 8, 8), sampler="ddim", steps=3, batch_size=2)

@@ -28,6 +28,8 @@ _SCHEDULE = (
     "sqrt_one_minus_alphas_cumprod",
     "sqrt_recip_alphas",
     "posterior_variance",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
 )
 
 
@@ -73,6 +75,9 @@ class GaussianDiffusion:
             "sqrt_recip_alphas": alphas.rsqrt(),
             # Variance of q(x_{t-1} | x_t, x_0) (Ho et al. eq. 7); 0 at t = 0.
             "posterior_variance": betas * (1.0 - abar_prev) / (1.0 - abar),
+            # Its mean is coef1 x_0 + coef2 x_t (eq. 7).
+            "posterior_mean_coef1": betas * abar_prev.sqrt() / (1.0 - abar),
+            "posterior_mean_coef2": (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar),
         }
         self._f64: dict[str, list[float]] = {k: v.tolist() for k, v in schedule.items()}
         for name, value in schedule.items():
@@ -134,13 +139,17 @@ class GaussianDiffusion:
         device: torch.device | str,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        clip_x0: bool = False,
     ) -> Tensor:
         """Ancestral sampling over all T steps (Ho et al. Algorithm 2), output clamped to [-1, 1].
 
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_hat) + sigma_t z, with sigma_t^2 the
         posterior variance beta_t (1 - abar_{t-1}) / (1 - abar_t), as in the paper's annotated-diffusion
         code (Ho et al. report both choices give similar results); no noise is added at the last step.
-        Intermediate states are not clipped (as in that code). Put the model in eval mode first.
+        Intermediate states are not clipped (as in that code). ``clip_x0``: instead, as Ho et al.'s released
+        code and diffusers' ``DDPMScheduler(clip_sample=True)`` do, estimate x_0 = (x_t - sqrt(1 - abar_t)
+        eps_hat) / sqrt(abar_t), clip it to [-1, 1] and take the posterior mean coef1 x_0 + coef2 x_t (eq. 7),
+        which equals eq. 11 whenever nothing is clipped. Put the model in eval mode first.
         `progress(i, T)` is called after step i = 1..T.
         """
         device = torch.device(device)
@@ -150,8 +159,12 @@ class GaussianDiffusion:
         total = self.num_timesteps
         for i, t in enumerate(reversed(range(total)), start=1):
             eps = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float()
-            eps_coef = s["betas"][t] / s["sqrt_one_minus_alphas_cumprod"][t]
-            mean = s["sqrt_recip_alphas"][t] * (x - eps_coef * eps)  # Ho et al. eq. 11
+            if clip_x0:
+                x0 = ((x - s["sqrt_one_minus_alphas_cumprod"][t] * eps) / s["sqrt_alphas_cumprod"][t]).clamp(-1, 1)
+                mean = s["posterior_mean_coef1"][t] * x0 + s["posterior_mean_coef2"][t] * x
+            else:
+                eps_coef = s["betas"][t] / s["sqrt_one_minus_alphas_cumprod"][t]
+                mean = s["sqrt_recip_alphas"][t] * (x - eps_coef * eps)  # Ho et al. eq. 11
             if t > 0:
                 z = torch.randn(x.shape, device=device, generator=generator)
                 x = mean + math.sqrt(s["posterior_variance"][t]) * z
@@ -212,10 +225,13 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        clip_x0: bool = False,
     ) -> Tensor:
-        """Ancestral sampling over all T steps if `steps` is None (the paper), else DDIM with `steps`."""
+        """Ancestral sampling over all T steps if `steps` is None (the paper; ``clip_x0``: see
+        ``p_sample_loop``), else DDIM with `steps`."""
         if steps is None:
-            return self.p_sample_loop(model, shape, device, generator=generator, progress=progress)
+            return self.p_sample_loop(model, shape, device, generator=generator, progress=progress,
+                                      clip_x0=clip_x0)
         return self.ddim_sample_loop(
             model, shape, device, steps=steps, eta=eta, generator=generator, progress=progress
         )
