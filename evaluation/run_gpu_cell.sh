@@ -11,7 +11,11 @@
 #     fedrun eval "$r" --stage score --ref ../shared/fid_stats/fashion_mnist_test10k.npz; done
 #
 # Data: $FEDRUN_DATA (default ../shared/data); a *-ubyte.gz without its *-ubyte is unpacked first, so
-# that gzipped files can be carried to a machine without the data set.
+# that gzipped files can be carried to a machine without the data set. With this workplace's device tool
+# (it sends the repository only, 64 MiB at most): stage the data once in an ignored folder,
+#   echo /.gpu_data/ >> .git/info/exclude; mkdir -p .gpu_data/FashionMNIST/raw
+#   for f in ../shared/data/FashionMNIST/raw/*-ubyte; do gzip -c "$f" > .gpu_data/FashionMNIST/raw/$(basename "$f").gz; done
+# (about 30 MB), then run with carry [".gpu_data"]: FEDRUN_DATA=.gpu_data bash evaluation/run_gpu_cell.sh
 # For a CPU smoke run: CELL_ARGS="--rounds 1 --max-local-steps 2 --subset 256 --set diffusion.timesteps=20"
 #   CELL_SAMPLES=4 CELL_DDIM_STEPS=5 DEVICE=cpu bash evaluation/run_gpu_cell.sh
 set -euo pipefail
