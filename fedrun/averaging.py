@@ -188,7 +188,6 @@ class Averager:
         self._layout: tuple | None = None
         self._buffer: Tensor | None = None
         self._send: Tensor | None = None
-        self._views: dict[str, Tensor] = {}
         self._ranges: dict[str, tuple[int, int]] = {}  # group -> [lo, hi) in the buffer
         self._names: list[str] = []  # the shared parameters in buffer order
         self._shapes: list[torch.Size] = []
@@ -655,7 +654,7 @@ class Averager:
                 i = j + 1
             buckets.append(_Bucket(lo, hi, wire[lo:hi], tuple(parts)))
         self._layout, self._shapes, self._dtypes, self._strides = layout, shapes, dtypes, strides
-        self._buffer, self._send, self._views, self._ranges = buf, send, views, ranges
+        self._buffer, self._send, self._ranges = buf, send, ranges
         self._names, self._members, self._buckets, self._scratch = names, members, buckets, None
         return buf
 
