@@ -425,7 +425,8 @@ def run_eval(args: argparse.Namespace) -> int:
     elif ctx.is_main:
         for kind, r in out["results"].items():
             extra = f" ± {r['fid_std']:.2f} over {len(r['per_client'])} clients" if r["per_client"] else ""
-            print(f"FID ({kind}): {r['fid']:.2f}{extra}")
+            pixels = list(r["mean_pixel"].values())
+            print(f"FID ({kind}): {r['fid']:.2f}{extra}  (mean sample pixel {np.mean(pixels):.1f} of 255)")
         print(f"wrote {Path(args.run_dir) / 'fid.json'}", file=sys.stderr)
     return 0
 

@@ -135,8 +135,10 @@ def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home,
     rc = fedrun_main(["eval", str(run), "--num-samples", "8", "--sampler", "ddim", "--steps", "5",
                       "--ref", str(fid_stats_path), "--device", "cpu", "--batch-size", "4", "--seed", "1"])
     assert rc == 0
-    assert "FID (raw):" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     out = json.loads((run / "fid.json").read_text())
+    assert f"FID (raw): {out['fid']:.2f}" in printed
+    assert f"(mean sample pixel {out['results']['raw']['mean_pixel']['global']:.1f} of 255)" in printed
     assert out["headline_weights"] == "raw" and list(out["results"]) == ["raw"]  # no EMA files
     assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["fid_std"] == 0.0 and out["per_client"] is None
     assert out["protocol"] == {**out["protocol"], "num_samples": 8, "reference": str(fid_stats_path),
