@@ -42,6 +42,7 @@ class ClientState:
     epoch: int = 0  # local epoch the next batch comes from
     offset: int = 0  # examples of that epoch's permutation already used
     last_loss: float = float("nan")
+    perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation): derived, never checkpointed
 
     @property
     def size(self) -> int:
@@ -90,6 +91,21 @@ class RoundResult:
     images: int
 
 
+def choose_placement(placement: str, nbytes: int, device: torch.device, free_bytes: int | None = None) -> str:
+    """'device' or 'host' for ``nbytes`` of training images (``data.placement``). 'auto' keeps them on a GPU
+    when they take at most half of its free memory (``free_bytes``; None = ask CUDA), else on the host; a
+    CPU run always trains from host memory, which is then its device."""
+    if placement not in ("auto", "device", "host"):
+        raise ValueError(f"invalid placement={placement!r}: allowed: auto, device, host")
+    if device.type != "cuda":
+        return "device"
+    if placement != "auto":
+        return placement
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes <= free_bytes // 2 else "host"
+
+
 def local_steps(size: int, batch_size: int, local_epochs: float, cap: int | None) -> int:
     """Optimiser steps of one client in one round: E epochs of ceil(N / B) batches, capped."""
     steps = max(1, math.ceil(local_epochs * math.ceil(size / batch_size)))
@@ -132,15 +148,31 @@ class LocalTrainer:
 
     # -- data -----------------------------------------------------------------------------------
     def _batch_indices(self, client: ClientState) -> torch.Tensor:
-        """Next batch of client's data order; epochs are permutations seeded by (seed, k, e)."""
+        """Next batch of client's data order, on the device of its images. Epochs are permutations drawn on
+        the CPU from (seed, k, e), so the order is the same wherever the images are kept; each is drawn once
+        per epoch and moved to the images' device once."""
         n, b = client.size, self.cfg.batch_size
         if client.offset >= n:
             client.epoch, client.offset = client.epoch + 1, 0
-        g = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.seed, 1, client.cid, client.epoch))
-        perm = torch.randperm(n, generator=g, device=self.device)
-        idx = perm[client.offset: client.offset + b]
+        cached = client.perm
+        if cached is None or cached[0] != client.epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 1, client.cid, client.epoch))
+            cached = (client.epoch, torch.randperm(n, generator=g).to(client.images.device))
+            client.perm = cached
+        idx = cached[1][client.offset : client.offset + b]
         client.offset += b
         return idx
+
+    def _batch(self, client: ClientState) -> torch.Tensor:
+        """The next batch as float in [-1, 1], channels_last, on the training device. Images kept on the
+        host are gathered there, pinned (PyTorch's caching host allocator reuses the pinned blocks once
+        their copies are done) and copied without waiting."""
+        x = client.images[self._batch_indices(client)]
+        if x.device != self.device:
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+        return x.float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
 
     # -- one round ------------------------------------------------------------------------------
     def train_round(self, client: ClientState, rnd: int, trainable: set[str] | None = None) -> RoundResult:
@@ -166,9 +198,8 @@ class LocalTrainer:
         amp = (torch.autocast(self.device.type, dtype=self.cfg.amp_dtype)
                if self.cfg.amp_dtype is not None else contextlib.nullcontext())
         for _ in range(steps):
-            idx = self._batch_indices(client)
-            # uint8 [B, C, H, W] -> float in [-1, 1]
-            x0 = client.images[idx].float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
+            x0 = self._batch(client)
+            seen += int(x0.shape[0])
             with amp:
                 loss = self.diffusion.training_loss(self.step_model, x0, generator=gen)
             opt.zero_grad(set_to_none=True)
@@ -177,7 +208,6 @@ class LocalTrainer:
             if client.ema is not None:
                 client.ema.update(model)
             loss_sum += loss.detach().float()  # no host sync inside the loop
-            seen += int(idx.shape[0])
         if self.cfg.keep_opt_state:
             client.opt_state = _save_opt_state(opt, {n: self._param[n] for n in names})
         for p in self._param.values():

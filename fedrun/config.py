@@ -18,6 +18,7 @@ from typing import Any
 METHODS = ("full", "usplit", "ulatdec", "udec")
 PARTITIONS = ("iid", "label-skew", "quantity-skew")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder")
+PLACEMENTS = ("auto", "device", "host")
 ARCHS = ("paper-unet", "ddpm-unet")
 LOSSES = ("huber", "l2")
 DTYPES = ("fp32", "bf16")
@@ -97,9 +98,14 @@ class DataConfig:
     """Skewed partitions are redrawn until every client has at least this many examples."""
     subset: int | None = None
     """Use only the first N training examples (quick runs); None = all."""
+    placement: str = "auto"
+    """Where a rank keeps its clients' images during training: 'device' (on the GPU, batches gathered
+    there: no transfer per step), 'host' (pinned CPU memory, each batch copied asynchronously), or 'auto'
+    (the device when they take at most half of its free memory, else the host)."""
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.placement", self.placement, PLACEMENTS)
         _choice("data.partition", self.partition, PARTITIONS)
         _check(self.beta > 0, "data.beta", self.beta, "allowed: beta > 0")
         _check(self.min_per_client >= 1, "data.min_per_client", self.min_per_client, "allowed: >= 1")

@@ -25,7 +25,14 @@ from fedrun import checkpoint as ckpt
 from fedrun import dist
 from fedrun.averaging import Averager
 from fedrun.build import build_diffusion, build_model, image_shape
-from fedrun.client import ClientState, LocalTrainer, StepConfig, derive_seed, local_steps
+from fedrun.client import (
+    ClientState,
+    LocalTrainer,
+    StepConfig,
+    choose_placement,
+    derive_seed,
+    local_steps,
+)
 from fedrun.comm import CommLog, paper_round_count
 from fedrun.config import ConfigError, RunConfig
 from fedrun.data import load_client_data
@@ -36,7 +43,7 @@ from unet import EMA, GROUPS, parameter_groups
 
 # Fields that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = {
-    "data.root", "data.download", "federation.rounds", "out_dir", "name", "checkpoint_every",
+    "data.root", "data.download", "data.placement", "federation.rounds", "out_dir", "name", "checkpoint_every",
     "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "fid_samples", "fid_ref",
     "device",
     "dist_timeout_s", "preset", "optim.compile", "optim.amp",
@@ -141,10 +148,17 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
         averager.adopt(model)
     trainer = LocalTrainer(model, diffusion, step_cfg, device,
                            alias_client=hosted[0] if len(hosted) == 1 else None)
+    # Images on the training device when they fit (no transfer per step), else on the host.
+    nbytes = sum(data[k].images.numel() for k in hosted)
+    place = choose_placement(cfg.data.placement, nbytes, device)
+    if device.type == "cuda":  # every rank decides for itself, and says so
+        print(f"fedrun: rank {ctx.rank} keeps its {nbytes / 2**20:.0f} MiB of images on the "
+              f"{'GPU' if place == 'device' else 'host (pinned batches)'}", file=sys.stderr, flush=True)
     clients: dict[int, ClientState] = {}
     for k in hosted:
         clients[k] = ClientState(
-            cid=k, params=trainer.new_client_params(k), images=data[k].images.to(device),
+            cid=k, params=trainer.new_client_params(k),
+            images=data[k].images.to(device) if place == "device" else data[k].images,
             ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
     del data
 
