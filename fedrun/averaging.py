@@ -41,7 +41,7 @@ EXCHANGE_DTYPES = ("fp32", "bf16")
 DEFAULT_BUCKET_BYTES = 32 * 2**20
 """Default bytes on the wire per collective (``Averager(bucket_bytes=...)``): the paper's UNet (12 MB) goes in
 one collective, Ho et al.'s (143 MB) in five. Measured on 2 gloo ranks (BENCHMARKS.md): 2 MiB buckets made
-the in-place sync of the 143 MB model 1.25-1.5x one flat all-reduce, 32 MiB 1.08-1.22x (per-collective cost
+the in-place sync of the 143 MB model 1.25-1.5x one flat all-reduce, 32 MiB 1.05-1.22x (per-collective cost
 outweighs the overlap there)."""
 
 
@@ -85,7 +85,7 @@ class SyncStats:
     bytes: int
     """Bytes handed to the collective (numel * element_size of the all-reduced buffer); 0 without one."""
     seconds: float
-    """Wall time of the whole sync (pack, all-reduce, unpack, the last two overlapping)."""
+    """Wall time of the whole sync (pack or scale, all-reduce, unpack; packing overlaps the wire)."""
     collectives: int
     """Number of collectives issued: one per bucket, 0 for a single process or nothing shared."""
     groups: tuple[str, ...] = ()
@@ -200,7 +200,7 @@ class Averager:
         # group has been synced, its references are views of one flat tensor per group (``_ref_flat``), so
         # that the unpack updates them with one operation per bucket instead of one per parameter.
         self._reference: dict[str, Tensor] = {}
-        self._ref_flat: dict[str, tuple[Tensor, tuple[torch.Size, ...]]] = {}
+        self._ref_flat: dict[str, tuple[Tensor, tuple[tuple[torch.Size, tuple[int, ...]], ...]]] = {}
         # In place (``adopt``): the adopted parameters' flat tensor, where each group lies in it, and the
         # address every adopted parameter must still have for a sync to work in place.
         self._flat: Tensor | None = None
@@ -349,11 +349,9 @@ class Averager:
         nbytes, ncoll = (wire.numel() * wire.element_size(), len(handles)) if world > 1 else (0, 0)
 
         # Wait for every bucket, check the summed weights, and only then write into the clients.
-        waited, writing = 0, False
+        writing = False
         try:
-            for h in handles:
-                waited += 1
-                h.wait()
+            _wait_all(handles)
             _check_weights(plan, shared, wire[wire.numel() - ns :].tolist()[::-1], bf16, written=False)
             writing = True
             if bf16 and not delta:  # values exchanged: they become the references
@@ -365,10 +363,6 @@ class Averager:
             if writing and bf16:  # references half updated: the next sync exchanges values again
                 self.reset_reference()
             raise
-        finally:
-            for h in handles[waited:]:  # after an error: let the collectives in flight finish with the buffer
-                with contextlib.suppress(Exception):  # the first error is the one raised
-                    h.wait()
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         return SyncStats(nbytes, time.perf_counter() - start, ncoll, shared)
@@ -565,15 +559,7 @@ class Averager:
             if world > 1:
                 handles.append(dist.all_reduce(wire[blo - lo : bhi - lo], op=dist.ReduceOp.SUM, group=self._group,
                                                async_op=True))
-        waited = 0
-        try:
-            for h in handles:
-                waited += 1
-                h.wait()
-        finally:
-            for h in handles[waited:]:
-                with contextlib.suppress(Exception):
-                    h.wait()
+        _wait_all(handles)
         if world > 1:
             try:
                 _check_weights(plan, shared, wire[wire.numel() - ns :].tolist()[::-1], delta, written=True)
@@ -592,6 +578,7 @@ class Averager:
             torch.cuda.synchronize(flat.device)
         nbytes, ncoll = (wire.numel() * wire.element_size(), len(handles)) if world > 1 else (0, 0)
         return SyncStats(nbytes, time.perf_counter() - start, ncoll, shared)
+
     def _scratch_for(self, part: _Part) -> tuple[Tensor, list[Tensor]]:
         """bf16, several contributors on this rank: room for one more client's change (made once)."""
         if self._scratch is None:
@@ -675,6 +662,19 @@ class Averager:
         else:
             cuts.append((lo, total))
         return cuts
+
+
+def _wait_all(handles: list) -> None:
+    """Wait for every collective in order. After a failure the later ones are still waited for (they may be
+    writing into buffers the caller reuses), and the first error is raised."""
+    for i, h in enumerate(handles):
+        try:
+            h.wait()
+        except BaseException:
+            for rest in handles[i + 1 :]:
+                with contextlib.suppress(Exception):
+                    rest.wait()
+            raise
 
 
 def _dense_strides(t: Tensor) -> tuple[int, ...]:

@@ -101,6 +101,19 @@ def _sizes(k: int) -> list[int]:
     return [10 + 7 * i * i for i in range(k)]  # unequal weights
 
 
+def _max_err(plan, named, pre, sizes, live, hosted) -> float:
+    """Largest deviation of any hosted client's shared parameters from ``weighted_average`` of the
+    contributors' pre-sync states (``pre``: every client's, by name), group by group."""
+    err = 0.0
+    for g in plan.shared_groups():
+        contrib = plan.contributors(g)
+        want = weighted_average([{n: pre[c][n] for n in named[g]} for c in contrib], [sizes[c] for c in contrib])
+        for c in hosted:
+            for n in named[g]:
+                err = max(err, (live[c][n].detach() - want[n]).abs().max().item())
+    return err
+
+
 def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
     """Every method, K = W..5, three rounds each (one Averager per run, so its buffer is reused)."""
     cases = []
@@ -119,15 +132,7 @@ def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
                             t.copy_(pre[c][n])
                 plan = plan_round(method, r, k, SEED)
                 stats = avg.sync(plan, live)
-                err = 0.0
-                for g in plan.shared_groups():
-                    contrib = plan.contributors(g)
-                    want = weighted_average(
-                        [{n: pre[c][n] for n in NAMED[g]} for c in contrib], [sizes[c] for c in contrib]
-                    )
-                    for c in hosted:
-                        for n in NAMED[g]:
-                            err = max(err, (live[c][n].detach() - want[n]).abs().max().item())
+                err = _max_err(plan, NAMED, pre, sizes, live, hosted)
                 local_ok = all(
                     torch.equal(live[c][n].detach(), pre[c][n])
                     for c in hosted for g in plan.local_groups() for n in NAMED[g]
@@ -165,13 +170,7 @@ def _bf16_scenario(ctx: fdist.DistContext) -> list[dict]:
                     t.copy_(pre[c][n])
             plan = plan_round(method, r, k, SEED)
             stats = avg.sync(plan, live)
-            err = 0.0
-            for g in plan.shared_groups():
-                contrib = plan.contributors(g)
-                want = weighted_average([pre[c] for c in contrib], [sizes[c] for c in contrib])
-                for c in hosted:
-                    for n in NAMED[g]:
-                        err = max(err, (live[c][n] - want[n]).abs().max().item())
+            err = _max_err(plan, NAMED, pre, sizes, live, hosted)
             glob = {n: t.clone() for n, t in live[hosted[0]].items()}
             cases.append({
                 "case": tag, "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
@@ -304,14 +303,7 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                             t.copy_(pre[c][n])
                 plan = plan_round(method, r, k_mixed, SEED)
                 ncoll.append(avg.sync(plan, live).collectives)
-                err = 0.0
-                for grp in plan.shared_groups():
-                    contrib = plan.contributors(grp)
-                    want = weighted_average([pre[c] for c in contrib], [sizes_mixed[c] for c in contrib])
-                    for c in hosted:
-                        for n in NET_GROUPS[grp]:
-                            err = max(err, (live[c][n] - want[n]).abs().max().item())
-                errs.append(err)
+                errs.append(_max_err(plan, NET_GROUPS, pre, sizes_mixed, live, hosted))
                 # the next round: small changes from the average (only the shared groups are compared, and
                 # they are the same on every rank)
                 glob = {n: t.clone() for n, t in live[hosted[0]].items()}
