@@ -175,8 +175,8 @@ def evaluate_run(
     score = stage != "sample"
     ref = ref or default_reference(cfg)
     data_root = data_root or cfg.data.root
+    ref_source = parse_source(ref) if score else None  # a bad --ref fails before anything is computed
     if score:
-        parse_source(ref)  # a bad --ref fails before anything is computed
         find_inception_weights(inception_weights)  # as does a missing weights file
     dev = _device(device)
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -186,7 +186,7 @@ def evaluate_run(
     stats, error = None, None
     if is_main and score:
         try:
-            size = cfg.data.image_size if parse_source(ref).kind == "dataset" else None  # as the model saw it
+            size = cfg.data.image_size if ref_source.kind == "dataset" else None  # as the model saw it
             stats = reference_statistics(ref, data_root=data_root, image_size=size, batch_size=fid_batch_size,
                                          device=dev, weights=inception_weights, progress=progress,
                                          cache_dirs=[Path(data_root) / "fid_stats", eval_dir])
@@ -251,7 +251,7 @@ def evaluate_run(
     if is_main and not score:
         out = {"stage": "sample", "files": written, "mean_pixel": mean_pixels, "method": method,
                "clients": num_clients,
-               "rounds": cfg.federation.rounds, "ddim_steps": ddim_steps,
+               "rounds": cfg.federation.rounds,
                "protocol": {k: v for k, v in protocol.items() if k not in ("reference", "inception", "note")}}
         _write_json(eval_dir / SAMPLES_JSON, out)
     elif is_main:
@@ -299,7 +299,8 @@ def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None,
     if absent:
         raise EvalError(f"saved sample file(s) missing from {eval_dir}: {', '.join(absent)}")
     return {"num_samples": proto["num_samples"], "sampler": proto["sampler"], "seed": proto["seed"],
-            "batch_size": proto["batch_size"], "ddim_steps": rec["ddim_steps"], "files": files}
+            "batch_size": proto["batch_size"], "files": files,
+            "ddim_steps": proto["steps"] if proto["sampler"] == "ddim" else None}
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedrun.config import PLACEMENTS
 from unet import EMA, GaussianDiffusion
 
 
@@ -95,8 +96,8 @@ def choose_placement(placement: str, nbytes: int, device: torch.device, free_byt
     """'device' or 'host' for ``nbytes`` of training images (``data.placement``). 'auto' keeps them on a GPU
     when they take at most half of its free memory (``free_bytes``; None = ask CUDA), else on the host; a
     CPU run always trains from host memory, which is then its device."""
-    if placement not in ("auto", "device", "host"):
-        raise ValueError(f"invalid placement={placement!r}: allowed: auto, device, host")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"invalid placement={placement!r}: allowed: {', '.join(PLACEMENTS)}")
     if device.type != "cuda":
         return "device"
     if placement != "auto":

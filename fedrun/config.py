@@ -100,7 +100,7 @@ class DataConfig:
     """Use only the first N training examples (quick runs); None = all."""
     placement: str = "auto"
     """Where a rank keeps its clients' images during training: 'device' (on the GPU, batches gathered
-    there: no transfer per step), 'host' (pinned CPU memory, each batch copied asynchronously), or 'auto'
+    there: no transfer per step), 'host' (CPU memory, each batch pinned and copied asynchronously), or 'auto'
     (the device when they take at most half of its free memory, else the host)."""
 
     def __post_init__(self) -> None:
