@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("full", "usplit", "ulatdec", "udec")
+from fedrun.methods import METHOD_NAMES
+
 PARTITIONS = ("iid", "label-skew", "quantity-skew")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder")
 PLACEMENTS = ("auto", "device", "host")
@@ -142,7 +143,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _check(self.clients >= 1, "federation.clients", self.clients, "allowed: an integer >= 1")
-        _choice("federation.method", self.method, METHODS)
+        _choice("federation.method", self.method, METHOD_NAMES)
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "allowed: an integer >= 1")
         _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
         _check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",

@@ -7,22 +7,22 @@ import json
 
 from fedrun.build import build_model
 from fedrun.comm import collective_bytes_per_round, paper_total, usplit_range
-from fedrun.config import METHODS, RunConfig
-from fedrun.methods import plan_round
-from unet import GROUPS, parameter_groups
+from fedrun.config import RunConfig
+from fedrun.methods import METHOD_NAMES, get_method, plan_round
+from unet import GROUPS, group_sizes, parameter_groups
 
 
 def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
     model = build_model(cfg)
     groups = parameter_groups(model)
     named = dict(model.named_parameters())
-    sizes = {g: sum(named[n].numel() for n in groups[g]) for g in GROUPS}
+    sizes = {g: n for g, n in group_sizes(model).items() if g in GROUPS}
     named_sizes = {g: [named[n].numel() for n in groups[g]] for g in GROUPS}
     seed = cfg.federation.seed
     comm: dict = {}
     bytes_per_round: dict = {}
-    for m in METHODS:
-        if m == "usplit":
+    for m in METHOD_NAMES:
+        if get_method(m).split_roles:
             comm[m] = list(usplit_range(sizes, num_clients, rounds))
         else:
             comm[m] = paper_total(m, sizes, num_clients, rounds, seed)
@@ -45,7 +45,7 @@ def format_info(d: dict) -> str:
         lines.append(f"  {g:<10} {p[g]:>12,}  {100 * p[g] / p['total']:5.1f} %")
     lines.append(f"paper count N (parameters, star topology) for K={d['clients']}, R={d['rounds']}:")
     full = d["comm"]["full"]
-    for m in METHODS:
+    for m in METHOD_NAMES:
         v = d["comm"][m]
         if isinstance(v, list):
             txt = f"{v[0] / 1e6:,.2f} .. {v[1] / 1e6:,.2f} x 10^6" if v[0] != v[1] else f"{v[0] / 1e6:,.2f} x 10^6"

@@ -1,7 +1,10 @@
 """The four FedDiffuse training methods as data: who contributes which parameter group in round r.
 
-A method is a function ``(round, num_clients, seed) -> RoundPlan``; nothing here trains, averages or
-communicates. The averager reads a plan to know what to all-reduce and who receives it, the trainer reads
+A method is a frozen ``Method``: its name, its plan function ``(round, num_clients, seed) -> RoundPlan``,
+whether it leaves one model per client, the groups it ever shares and what a client trains. This module is
+the one owner of what a method means: config validates against ``METHOD_NAMES``, training, sampling and
+evaluation ask the ``Method``. Nothing here trains, averages or communicates. The averager reads a plan
+to know what to all-reduce and who receives it, the trainer reads
 it to know what to train, and ``comm`` reads it to count what the paper's star topology would send.
 
 Rounds are numbered from 1, as in the paper. USplit's roles are drawn from
@@ -12,12 +15,11 @@ without any communication.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-GROUPS: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
-"""The parameter groups of the UNet, in model order (see section 1 of docs/feddiffuse.md)."""
+from unet import GROUPS  # the UNet's parameter groups, in model order (docs/feddiffuse.md, section 1)
 
 USPLIT_TRAIN = ("all", "assigned")
 
@@ -102,34 +104,73 @@ def plan_usplit(round: int, num_clients: int, seed: int) -> RoundPlan:
     return RoundPlan(round, tuple(frozenset(r) for r in roles), True, "usplit")
 
 
-METHODS: dict[str, PlanFn] = {
-    "full": _everyone(GROUPS, "full", broadcast_all=True),
-    "usplit": plan_usplit,
-    "ulatdec": _everyone(("bottleneck", "decoder"), "ulatdec", broadcast_all=False),
-    "udec": _everyone(("decoder",), "udec", broadcast_all=False),
+@dataclass(frozen=True)
+class Method:
+    """One FedDiffuse method: everything the rest of fedrun needs to know about it."""
+
+    name: str
+    plan_fn: PlanFn = field(repr=False)
+    """``(round, num_clients, seed) -> RoundPlan``."""
+    personalised: bool
+    """True: some groups are never shared (the encoder), so every client ends with its own model (UDec,
+    ULatDec); False: every client ends with the one global model (FULL, USplit)."""
+    ever_shared: tuple[str, ...]
+    """Every group some round of this method exchanges, in GROUPS order (signature-checked at start)."""
+    split_roles: bool = False
+    """True: clients contribute different groups in one round (USplit), so ``usplit_train='assigned'``
+    restricts what each trains."""
+
+    def plan(self, round: int, num_clients: int, seed: int) -> RoundPlan:
+        """The plan of ``round`` (from 1) for ``num_clients`` clients."""
+        if num_clients < 1:
+            raise ValueError(f"num_clients={num_clients} must be >= 1")
+        return self.plan_fn(round, num_clients, seed)
+
+    def trainable(self, plan: RoundPlan, client: int, usplit_train: str) -> tuple[str, ...]:
+        """Groups ``client`` trains in this round, in GROUPS order.
+
+        ``usplit_train='all'`` (the paper's code): every group. ``'assigned'``: under USplit only the groups the
+        client contributes; it has no effect on the other methods, whose clients always train the whole model.
+        """
+        if usplit_train not in USPLIT_TRAIN:
+            raise ValueError(f"unknown usplit_train {usplit_train!r}; allowed: {', '.join(USPLIT_TRAIN)}")
+        if not 0 <= client < plan.num_clients:
+            raise ValueError(f"client={client} out of range for {plan.num_clients} clients")
+        if usplit_train == "all" or not self.split_roles:
+            return GROUPS
+        return tuple(g for g in GROUPS if g in plan.assignments[client])
+
+    def final_plan(self, round: int, num_clients: int, seed: int) -> RoundPlan:
+        """How the EMA copies are averaged once at the end, so that the EMA models have the structure of the
+        raw ones: every group over every client (a global model), or the method's own plan (personalised)."""
+        return (self if self.personalised else METHODS["full"]).plan(round, num_clients, seed)
+
+    def model_labels(self, num_clients: int) -> list[str]:
+        """Names of the final models: ``['global']``, or ``['client0', ...]`` for a personalised method."""
+        return [f"client{k}" for k in range(num_clients)] if self.personalised else ["global"]
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", _everyone(GROUPS, "full", broadcast_all=True), personalised=False, ever_shared=GROUPS),
+    "usplit": Method("usplit", plan_usplit, personalised=False, ever_shared=GROUPS, split_roles=True),
+    "ulatdec": Method("ulatdec", _everyone(("bottleneck", "decoder"), "ulatdec", broadcast_all=False),
+                      personalised=True, ever_shared=("bottleneck", "decoder")),
+    "udec": Method("udec", _everyone(("decoder",), "udec", broadcast_all=False), personalised=True,
+                   ever_shared=("decoder",)),
 }
-"""Registry: method name -> plan function ``(round, num_clients, seed) -> RoundPlan``."""
+"""Registry: method name -> Method."""
+
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+"""The allowed values of ``federation.method``."""
+
+
+def get_method(name: str) -> Method:
+    """The Method called ``name``; ValueError naming the allowed ones otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHOD_NAMES)}")
+    return METHODS[name]
 
 
 def plan_round(method: str, round: int, num_clients: int, seed: int) -> RoundPlan:
     """The plan of ``round`` (from 1) for ``num_clients`` clients under ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    if num_clients < 1:
-        raise ValueError(f"num_clients={num_clients} must be >= 1")
-    return METHODS[method](round, num_clients, seed)
-
-
-def trainable_groups(plan: RoundPlan, client: int, usplit_train: str) -> tuple[str, ...]:
-    """Groups ``client`` trains in this round, in GROUPS order.
-
-    ``usplit_train='all'`` (the paper's code): every group. ``'assigned'``: under USplit only the groups the
-    client contributes; it has no effect on the other methods, whose clients always train the whole model.
-    """
-    if usplit_train not in USPLIT_TRAIN:
-        raise ValueError(f"unknown usplit_train {usplit_train!r}; allowed: {', '.join(USPLIT_TRAIN)}")
-    if not 0 <= client < plan.num_clients:
-        raise ValueError(f"client={client} out of range for {plan.num_clients} clients")
-    if usplit_train == "all" or plan.method != "usplit":
-        return GROUPS
-    return tuple(g for g in GROUPS if g in plan.assignments[client])
+    return get_method(method).plan(round, num_clients, seed)

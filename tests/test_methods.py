@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedrun.methods import GROUPS, METHODS, RoundPlan, plan_round, plan_usplit, trainable_groups
+from fedrun.methods import GROUPS, METHOD_NAMES, METHODS, RoundPlan, get_method, plan_round, plan_usplit
 
 E, M, U = "encoder", "bottleneck", "decoder"
 
@@ -114,12 +114,36 @@ def test_invalid_plans_rejected():
 
 def test_trainable_groups():
     plan = plan_round("usplit", 1, 5, seed=2023)  # client 3: decoder only, client 2: bottleneck + decoder
-    assert trainable_groups(plan, 3, "all") == GROUPS
-    assert trainable_groups(plan, 3, "assigned") == (U,)
-    assert trainable_groups(plan, 2, "assigned") == (M, U)
+    usplit, udec = METHODS["usplit"], METHODS["udec"]
+    assert usplit.trainable(plan, 3, "all") == GROUPS
+    assert usplit.trainable(plan, 3, "assigned") == (U,)
+    assert usplit.trainable(plan, 2, "assigned") == (M, U)
     # 'assigned' is a USplit option: UDec clients still train their whole (personal) model
-    assert trainable_groups(plan_round("udec", 1, 2, 0), 0, "assigned") == GROUPS
+    assert udec.trainable(plan_round("udec", 1, 2, 0), 0, "assigned") == GROUPS
     with pytest.raises(ValueError, match="usplit_train"):
-        trainable_groups(plan, 0, "some")
+        usplit.trainable(plan, 0, "some")
     with pytest.raises(ValueError, match="client"):
-        trainable_groups(plan, 5, "all")
+        usplit.trainable(plan, 5, "all")
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_method_facts_match_its_plans(name):
+    """ever_shared is the union of what 40 rounds share; personalised iff some group is never shared."""
+    m = get_method(name)
+    for k in (1, 2, 3, 5):
+        seen = set()
+        for r in range(1, 41):
+            seen |= set(m.plan(r, k, seed=7).shared_groups())
+        if k > 1 or not m.split_roles:
+            assert m.ever_shared == tuple(g for g in GROUPS if g in seen), (name, k)
+        assert m.personalised == (set(seen) != set(GROUPS))
+    labels = m.model_labels(3)
+    assert labels == (["client0", "client1", "client2"] if m.personalised else ["global"])
+    final = m.final_plan(15, 3, seed=7)
+    assert final.shared_groups() == (m.ever_shared if m.personalised else GROUPS)
+    assert all(final.contributors(g) == [0, 1, 2] for g in final.shared_groups())
+
+
+def test_get_method_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown method 'fedavg'; allowed: full, usplit, ulatdec, udec"):
+        get_method("fedavg")

@@ -1,51 +1,46 @@
-"""Architectures and the DDPM process. No optimiser, logging or torch.distributed in this package."""
+"""Architectures and the DDPM process. No optimiser, logging or torch.distributed in this package.
+
+Names are imported on first use (PEP 562), so that ``unet.GROUPS`` and ``unet.ARCHS`` (the choice lists the
+configuration validates against) cost no torch import: ``fedrun --help`` stays fast.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from unet.ddpm_unet import DDPMUNet
-from unet.diffusion import GaussianDiffusion
-from unet.ema import EMA
-from unet.groups import GROUPS, group_sizes, parameter_groups
-from unet.model import UNet
+ARCHS: tuple[str, ...] = ("paper-unet", "ddpm-unet")
+"""The backbones ``create_model`` builds."""
 
-__all__ = [
-    "ARCHS",
-    "DDPMUNet",
-    "EMA",
-    "GROUPS",
-    "GaussianDiffusion",
-    "UNet",
-    "create_model",
-    "group_sizes",
+_LAZY = {
+    "DDPMUNet": "unet.ddpm_unet",
+    "EMA": "unet.ema",
+    "GROUPS": "unet.groups",
+    "GaussianDiffusion": "unet.diffusion",
+    "UNet": "unet.model",
+    "create_model": "unet.factory",
+    "group_sizes": "unet.groups",
+    "parameter_groups": "unet.groups",
+}
+
+__all__ = [  # noqa: F822 (the lazy names are resolved by __getattr__)
+    "ARCHS", "DDPMUNet", "EMA", "GROUPS", "GaussianDiffusion", "UNet", "create_model", "group_sizes",
     "parameter_groups",
 ]
 
-ARCHS: tuple[str, ...] = ("paper-unet", "ddpm-unet")
+if TYPE_CHECKING:
+    from unet.ddpm_unet import DDPMUNet
+    from unet.diffusion import GaussianDiffusion
+    from unet.ema import EMA
+    from unet.factory import create_model
+    from unet.groups import GROUPS, group_sizes, parameter_groups
+    from unet.model import UNet
 
 
-def create_model(
-    arch: str,
-    image_size: int,
-    channels: int,
-    dim_mults: tuple[int, ...] | None = None,
-    dropout: float = 0.1,
-) -> nn.Module:
-    """Build a noise-prediction network.
-
-    "paper-unet": the paper's UNet with dim = image_size, dim_mults default (1, 2, 4); it has no dropout,
-        so `dropout` is ignored.
-    "ddpm-unet": Ho et al.'s UNet (diffusers' ddpm-cifar10-32 configuration), channel multipliers default
-        (1, 2, 2, 2), attention at 16x16.
-    """
-    if arch == "paper-unet":
-        return UNet(dim=image_size, channels=channels, dim_mults=tuple(dim_mults or (1, 2, 4)))
-    if arch == "ddpm-unet":
-        return DDPMUNet(
-            image_size=image_size,
-            in_channels=channels,
-            channel_mults=tuple(dim_mults or (1, 2, 2, 2)),
-            dropout=dropout,
-        )
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'unet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -7,7 +7,10 @@ group, otherwise the federated methods would silently share or drop parameters.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["GROUPS", "parameter_groups", "group_sizes"]
 
@@ -42,7 +45,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 def group_sizes(model: nn.Module) -> dict[str, int]:
-    """Number of scalar parameters per group, plus "total"."""
+    """Number of scalar parameters per group, plus "total" (what the communication counts are made of)."""
     numel = {n: p.numel() for n, p in model.named_parameters()}
     sizes = {g: sum(numel[n] for n in names) for g, names in parameter_groups(model).items()}
     sizes["total"] = sum(numel.values())

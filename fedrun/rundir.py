@@ -1,0 +1,133 @@
+"""The run directory: the one owner of every path under ``runs/<name>/``, the DONE rule and atomic writes.
+
+Layout::
+
+    config.json        the resolved config of the run          comm.jsonl   per-round communication
+    checkpoints/       round checkpoints (fedrun.checkpoint)    tb/          TensorBoard events
+    models/            final weights: global[_ema].pt or client{k}[_ema].pt (labels from the Method)
+    samples/           final.png (a global model) or final_client{k}.png (one per client)
+    eval/              samples, grids and reference statistics of ``fedrun eval``    fid.json   its scores
+    DONE               written last: {"rounds": R, "time": ...}; sweeps skip finished runs
+
+Training, Slurm and evaluation all ask a ``RunDir``; nothing else spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename: a crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsync, rename."""
+    import torch  # here, not at import: the CLI and Slurm submission use RunDir without torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths and markers of one run directory (``RunConfig.run_dir()``)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # -- paths -----------------------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def comm_log(self) -> Path:
+        return self.root / "comm.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def tb(self) -> Path:
+        return self.root / "tb"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def fid_json(self) -> Path:
+        return self.root / "fid.json"
+
+    @property
+    def done(self) -> Path:
+        return self.root / "DONE"
+
+    def model_file(self, label: str, ema: bool = False) -> Path:
+        """``models/<label>.pt`` or ``models/<label>_ema.pt``; labels are ``Method.model_labels``."""
+        return self.models / f"{label}{'_ema' if ema else ''}.pt"
+
+    def sample_grid(self, label: str) -> Path:
+        """The final sample grid of model ``label``: ``samples/final.png`` for the global model, else
+        ``samples/final_<label>.png`` (``final_client0.png``, ...)."""
+        return self.samples / ("final.png" if label == "global" else f"final_{label}.png")
+
+    # -- markers ---------------------------------------------------------------------------------
+    def is_done(self, rounds: int) -> bool:
+        """Whether the run finished ``rounds`` rounds (more rounds than finished = a resume, not done).
+
+        A DONE without a round count counts as finished; an unreadable one is reported and does not: the run
+        then resumes from its newest checkpoint and writes it again.
+        """
+        try:
+            text = self.done.read_text()
+        except FileNotFoundError:
+            return False
+        try:
+            got = json.loads(text).get("rounds")
+        except (ValueError, AttributeError):
+            print(f"fedrun: warning: {self.done} is unreadable ({text[:40]!r}); treating the run as unfinished",
+                  file=sys.stderr, flush=True)
+            return False
+        return got is None or got == rounds
+
+    def mark_done(self, rounds: int) -> None:
+        atomic_write_json(self.done, {"rounds": rounds, "time": time.time()})
+
+    def clear_done(self) -> None:
+        self.done.unlink(missing_ok=True)
