@@ -36,7 +36,7 @@ class RoundPlan:
     """True: every client receives the whole averaged model (FULL, USplit). False: clients receive only
     the averaged groups and keep the rest local (ULatDec, UDec)."""
     method: str = ""
-    """Name of the method that made the plan (informational; ``trainable_groups`` reads it)."""
+    """Name of the method that made the plan (informational: what a plan means is the Method's)."""
 
     def __post_init__(self) -> None:
         if self.round < 1:

@@ -36,7 +36,7 @@ from fedrun.client import (
 from fedrun.comm import CommLog, paper_round_count
 from fedrun.config import ConfigError, RunConfig
 from fedrun.data import load_client_data
-from fedrun.methods import METHODS, plan_round, trainable_groups
+from fedrun.methods import METHODS, get_method, plan_round
 from fedrun.progress import Progress
 from fedrun.tracking import NullTracker, TensorBoardTracker
 from unet import EMA, GROUPS, parameter_groups
@@ -198,7 +198,7 @@ def _train(cfg: RunConfig, ctx: dist.DistContext) -> Path:
         for k in hosted:
             trainable = None
             if fed.method == "usplit" and fed.usplit_train == "assigned":
-                trainable = {n for g in trainable_groups(plan, k, fed.usplit_train) for n in groups[g]}
+                trainable = {n for g in get_method(fed.method).trainable(plan, k, fed.usplit_train) for n in groups[g]}
             res = trainer.train_round(clients[k], rnd, trainable)
             losses[k] = res.loss_sum / res.steps
             images += res.images
