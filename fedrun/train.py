@@ -23,7 +23,7 @@ import torch
 
 from fedrun import checkpoint as ckpt
 from fedrun import dist
-from fedrun.averaging import Averager
+from fedrun.exchange import Exchange as Averager
 from fedrun.build import build_diffusion, build_model, image_shape
 from fedrun.client import (
     ClientState,
