@@ -35,7 +35,7 @@ from benchmarks.common import (
     report,
     time_interleaved,
 )
-from fedrun.client import ClientState, LocalTrainer, StepConfig
+from fedrun.client import ClientState, LocalTrainer, StepConfig, amp_dtype
 from unet import EMA, GaussianDiffusion, create_model
 
 # arch -> (image size, channels, images per client: the dataset split over 2 clients)
@@ -146,13 +146,6 @@ def optimised(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: i
     return run
 
 
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    # The same rule as fedrun.train.amp_dtype: auto = bf16 on GPU, fp32 on CPU.
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if amp == "bf16" else None
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="paper-unet,ddpm-unet,diffusers",
@@ -174,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # One thread by default: the ratios are what this reports, and on a busy machine (CI, a shared
         # 2-core box) torch's spinning OpenMP threads make multi-thread timings erratic (here 5x slower).
         torch.set_num_threads(1)
-    amp = resolve_amp(args.amp, device)
+    amp = amp_dtype(args.amp, device)  # the rule of optim.amp: auto = bf16 on GPU, fp32 on CPU
     amp_name = "bf16" if amp is not None else "fp32"
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]

@@ -7,10 +7,10 @@ Layout under the run directory::
     checkpoints/round-000003/MANIFEST.json  rank 0, last: file names + sha256 (the round is complete)
     checkpoints/latest                      rank 0, after the manifest: "round-000003"
 
-Every file is written to a temporary name and renamed, so a crash leaves either the old or the new
-file, never half of one. Loading uses ``torch.load(weights_only=True)``: a checkpoint holds only
-tensors and plain Python values and can never execute code. A round directory whose manifest is
-missing or whose checksums do not match is reported and skipped in favour of the previous one.
+Every file is written to a temporary name and renamed (``fedrun.rundir``'s atomic writers), so a crash
+leaves either the old or the new file, never half of one. Loading uses ``torch.load(weights_only=True)``: a
+checkpoint holds only tensors and plain Python values and can never execute code. A round directory whose
+manifest is missing or whose checksums do not match is reported and skipped in favour of the previous one.
 """
 
 from __future__ import annotations
@@ -19,46 +19,33 @@ import hashlib
 import json
 import os
 import shutil
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-CKPT = "checkpoints"
+from fedrun.output import ConsoleSink
+from fedrun.rundir import RunDir, atomic_write_bytes
+
 MANIFEST = "MANIFEST.json"
 
 
-def round_dir(run_dir: Path, rnd: int) -> Path:
-    return Path(run_dir) / CKPT / f"round-{rnd:06d}"
+def round_dir(run_dir: str | os.PathLike[str], rnd: int) -> Path:
+    """``checkpoints/round-000003`` of round 3."""
+    return RunDir(run_dir).checkpoints / f"round-{rnd:06d}"
 
 
 def client_file(rnd_dir: Path, client: int) -> Path:
     return rnd_dir / f"client-{client:04d}.pt"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def shared_file(rnd_dir: Path) -> Path:
+    return rnd_dir / "shared.pt"
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load`` of tensors and plain values only: a checkpoint can never execute code."""
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
@@ -70,17 +57,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def finalize(run_dir: Path, rnd: int, num_clients: int, keep: int) -> None:
+def finalize(run_dir: str | os.PathLike[str], rnd: int, num_clients: int, keep: int) -> None:
     """Rank 0, after every rank has written its files: manifest, then `latest`, then prune."""
+    base = RunDir(run_dir).checkpoints
     rdir = round_dir(run_dir, rnd)
-    names = ["shared.pt"] + [client_file(rdir, k).name for k in range(num_clients)]
+    names = [shared_file(rdir).name] + [client_file(rdir, k).name for k in range(num_clients)]
     missing = [n for n in names if not (rdir / n).exists()]
     if missing:
         raise RuntimeError(f"checkpoint {rdir} is incomplete, missing {missing[:3]}")
     manifest = {"round": rnd, "files": {n: _sha256(rdir / n) for n in names}}
     atomic_write_bytes(rdir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    atomic_write_bytes(Path(run_dir) / CKPT / "latest", rdir.name.encode())
-    for old in sorted(p for p in (Path(run_dir) / CKPT).glob("round-*") if p.is_dir())[:-keep]:
+    atomic_write_bytes(base / "latest", rdir.name.encode())
+    for old in sorted(p for p in base.glob("round-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -102,9 +90,12 @@ def verify(rdir: Path) -> str | None:
     return None
 
 
-def find_resumable(run_dir: Path, log=lambda m: print(m, file=sys.stderr)) -> tuple[int, Path] | None:
-    """The newest intact checkpoint: `latest` first, then older rounds; warns about broken ones."""
-    base = Path(run_dir) / CKPT
+def find_resumable(run_dir: str | os.PathLike[str],
+                   warn: Callable[[str], None] | None = None) -> tuple[int, Path] | None:
+    """The newest intact checkpoint as (round, its directory): `latest` first, then older rounds. Each broken
+    one is reported to ``warn`` (default: a warning on stderr) and skipped."""
+    warn = warn or ConsoleSink().warn
+    base = RunDir(run_dir).checkpoints
     if not base.is_dir():
         return None
     candidates = sorted((p for p in base.glob("round-*") if p.is_dir()), reverse=True)
@@ -116,5 +107,5 @@ def find_resumable(run_dir: Path, log=lambda m: print(m, file=sys.stderr)) -> tu
         reason = verify(rdir)
         if reason is None:
             return int(rdir.name.split("-")[1]), rdir
-        log(f"fedrun: warning: checkpoint {rdir} is unusable: {reason}; trying the previous one")
+        warn(f"checkpoint {rdir} is unusable: {reason}; trying the previous one")
     return None

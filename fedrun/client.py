@@ -1,4 +1,4 @@
-"""Local training of one client. No collectives here: averaging belongs to fedrun.averaging.
+"""Local training of one client. No collectives here: the exchange belongs to fedrun.exchange.
 
 A rank owns one working ``nn.Module``; each client it hosts keeps its own parameter tensors,
 EMA, optimiser state and data position. Training a client swaps its tensors into the working
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedrun.config import PLACEMENTS
+from fedrun.config import PLACEMENTS, RunConfig
 from unet import EMA, GaussianDiffusion
 
 
@@ -73,8 +73,18 @@ class ClientState:
         self.epoch, self.offset, self.last_loss = sd["epoch"], sd["offset"], sd["last_loss"]
 
 
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp``: 'auto' = bf16 on a GPU and fp32 on a CPU (CPU bf16 autocast is
+    slower than fp32); None = fp32, no autocast."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if mode == "bf16" else None
+
+
 @dataclass
 class StepConfig:
+    """How a client trains locally (from ``RunConfig.optim`` and ``federation``)."""
+
     lr: float
     batch_size: int
     local_epochs: float
@@ -83,6 +93,13 @@ class StepConfig:
     amp_dtype: torch.dtype | None  # None = fp32
     seed: int
     compile: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, device: torch.device) -> StepConfig:
+        fed, opt = cfg.federation, cfg.optim
+        return cls(lr=opt.lr, batch_size=opt.batch_size, local_epochs=fed.local_epochs,
+                   max_local_steps=fed.max_local_steps, keep_opt_state=opt.keep_state,
+                   amp_dtype=amp_dtype(opt.amp, device), seed=fed.seed, compile=opt.compile)
 
 
 @dataclass

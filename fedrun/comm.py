@@ -13,12 +13,10 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedrun.methods import GROUPS, RoundPlan, plan_round
-
-if TYPE_CHECKING:
-    from fedrun.averaging import SyncStats
+from fedrun.rundir import atomic_write_bytes
 
 
 def _total(sizes: Mapping[str, int]) -> int:
@@ -101,9 +99,7 @@ class CommLog:
         self.rows: list[dict[str, Any]] = []
         if self.path is not None and truncate_after is not None and self.path.exists():
             kept = [r for r in read_comm_log(self.path) if r["round"] <= truncate_after]
-            tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(
         self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0
@@ -125,14 +121,6 @@ class CommLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
-
-    def record(
-        self, plan: RoundPlan, sizes: Mapping[str, int], stats: SyncStats, first_round: bool | None = None
-    ) -> dict[str, Any]:
-        """``append`` with the paper count computed from the plan (``first_round``: round 1 if None)."""
-        first = plan.round == 1 if first_round is None else first_round
-        return self.append(plan.round, paper_params=paper_round_count(plan, sizes, first),
-                           bytes_moved=stats.bytes, sync_seconds=stats.seconds)
 
     def counters(self) -> dict[str, int]:
         """The running totals, to store in a checkpoint and pass back on resume."""

@@ -105,34 +105,55 @@ class ConsoleSink(Sink):
 
 
 class TensorBoardSink(ConsoleSink):
-    """``ConsoleSink`` plus TensorBoard event files under ``log_dir``; ``purge_step`` drops the events of
-    steps a resumed run will redo."""
+    """``ConsoleSink`` plus TensorBoard event files under ``log_dir``.
+
+    The event writer opens at ``start_rounds`` (or at the first metric), never earlier, so a run that turns out
+    to be finished already leaves no event file behind. ``purge_step`` drops the events of steps a resumed run
+    will redo; None = ``start_round + 1`` of ``start_rounds``.
+    """
 
     def __init__(self, log_dir: Path, purge_step: int | None = None, stream: TextIO | None = None) -> None:
         super().__init__(stream)
-        from torch.utils.tensorboard import SummaryWriter
+        self._log_dir, self._purge_step = Path(log_dir), purge_step
+        self._writer: Any = None
 
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    def _events(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # torch only where events are written
+
+            self._writer = SummaryWriter(log_dir=str(self._log_dir), purge_step=self._purge_step)
+        return self._writer
+
+    def start_rounds(self, total_rounds: int, start_round: int, steps_per_round: int) -> None:
+        super().start_rounds(total_rounds, start_round, steps_per_round)
+        if self._writer is None and self._purge_step is None:
+            self._purge_step = start_round + 1
+        self._events()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self._writer.add_scalar(tag, value, step)
+        self._events().add_scalar(tag, value, step)
 
     def image(self, tag: str, img_chw: np.ndarray, step: int) -> None:
-        self._writer.add_image(tag, img_chw, step, dataformats="CHW")
+        self._events().add_image(tag, img_chw, step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
-        self._writer.add_text(tag, text, step)
+        self._events().add_text(tag, text, step)
 
     def flush(self) -> None:
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
+        """Ends the bar and the event files; messages (``info``, ``warn``) still print afterwards."""
         super().close()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def rank_sink(is_main: bool, tb_dir: Path | None = None, purge_step: int | None = None) -> Sink:
-    """Rank 0: console, plus TensorBoard when ``tb_dir`` is given. Every other rank: the do-nothing sink."""
+    """Rank 0: console, plus TensorBoard when ``tb_dir`` is given (``purge_step``: see ``TensorBoardSink``).
+    Every other rank: the do-nothing sink."""
     if not is_main:
         return Sink()
     return TensorBoardSink(tb_dir, purge_step) if tb_dir is not None else ConsoleSink()

@@ -1,4 +1,5 @@
-"""The run directory: the one owner of every path under ``runs/<name>/``, the DONE rule and atomic writes.
+"""The run directory: the one owner of every path under ``runs/<name>/``, the DONE rule, what a resume may
+change, and atomic writes.
 
 Layout::
 
@@ -18,8 +19,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+RESUMABLE_CHANGES = frozenset({
+    "data.root", "data.download", "data.placement", "federation.rounds", "out_dir", "name", "checkpoint_every",
+    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "fid_samples", "fid_ref",
+    "device", "dist_timeout_s", "preset", "optim.compile", "optim.amp",
+})
+"""Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are,
+how long it runs, what it logs, how fast it computes. Any other difference changes the result and is refused."""
+
+
+def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Fields of two flat configs (``RunConfig.to_flat_dict``) that differ and may not change across a resume,
+    as ``'field (a -> b)'``, sorted by field."""
+
+    def norm(v: Any) -> Any:  # JSON turns tuples into lists
+        return list(v) if isinstance(v, tuple) else v
+
+    return [f"{k} ({saved[k]!r} -> {new.get(k)!r})" for k in sorted(saved)
+            if k not in RESUMABLE_CHANGES and norm(saved[k]) != norm(new.get(k))]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -60,6 +81,9 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
+
+    def __fspath__(self) -> str:  # a RunDir goes wherever a path does (Path(run_dir), open, RunDir(run_dir))
+        return str(self.root)
 
     # -- paths -----------------------------------------------------------------------------------
     @property

@@ -2,13 +2,14 @@ import pytest
 import torch
 
 from fedrun import checkpoint as ckpt
+from fedrun.rundir import atomic_save
 
 
 def _write_round(run_dir, rnd, clients=2, keep=5):
     rdir = ckpt.round_dir(run_dir, rnd)
-    ckpt.atomic_save({"round": rnd}, rdir / "shared.pt")
+    atomic_save({"round": rnd}, rdir / "shared.pt")
     for k in range(clients):
-        ckpt.atomic_save({"w": torch.full((3,), float(rnd * 10 + k))}, ckpt.client_file(rdir, k))
+        atomic_save({"w": torch.full((3,), float(rnd * 10 + k))}, ckpt.client_file(rdir, k))
     ckpt.finalize(run_dir, rnd, clients, keep)
     return rdir
 
@@ -28,20 +29,20 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(tmp_path):
     f = ckpt.client_file(rdir, 1)
     f.write_bytes(f.read_bytes()[:20])  # a crash mid-write on a filesystem without atomic rename
     warnings = []
-    assert ckpt.find_resumable(tmp_path, log=warnings.append) == (1, ckpt.round_dir(tmp_path, 1))
+    assert ckpt.find_resumable(tmp_path, warn=warnings.append) == (1, ckpt.round_dir(tmp_path, 1))
     assert len(warnings) == 1 and "client-0001.pt fails its checksum" in warnings[0]
 
 
 def test_round_without_manifest_is_incomplete(tmp_path):
     _write_round(tmp_path, 1)
     rdir = ckpt.round_dir(tmp_path, 2)
-    ckpt.atomic_save({"round": 2}, rdir / "shared.pt")  # crashed before the others wrote
-    assert ckpt.find_resumable(tmp_path, log=lambda m: None)[0] == 1
+    atomic_save({"round": 2}, rdir / "shared.pt")  # crashed before the others wrote
+    assert ckpt.find_resumable(tmp_path, warn=lambda m: None)[0] == 1
 
 
 def test_finalize_refuses_an_incomplete_round(tmp_path):
     rdir = ckpt.round_dir(tmp_path, 1)
-    ckpt.atomic_save({"round": 1}, rdir / "shared.pt")
+    atomic_save({"round": 1}, rdir / "shared.pt")
     with pytest.raises(RuntimeError, match="incomplete"):
         ckpt.finalize(tmp_path, 1, 2, 3)
 

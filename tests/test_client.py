@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fedrun.client import ClientState, LocalTrainer, StepConfig, choose_placement, derive_seed
-from fedrun.config import ConfigError, apply_overrides, get_preset
+from fedrun.config import ConfigError, apply_overrides
+from fedrun.presets import get_preset
 from unet import GaussianDiffusion
 
 CUDA = torch.device("cuda", 0)
@@ -27,7 +28,7 @@ def test_choose_placement():
 def test_placement_config_is_checked_and_may_change_on_resume():
     with pytest.raises(ConfigError, match="data.placement"):
         apply_overrides(get_preset("tiny"), {"data.placement": "gpu"})
-    from fedrun.train import RESUMABLE_CHANGES
+    from fedrun.rundir import RESUMABLE_CHANGES
 
     assert "data.placement" in RESUMABLE_CHANGES  # where the images live changes no result
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from fedrun.averaging import SyncStats
 from fedrun.comm import (
     CommLog,
     collective_bytes_per_round,
@@ -96,14 +95,16 @@ def test_comm_log_writes_one_line_per_round(tmp_path):
     path = tmp_path / "run" / "comm.jsonl"
     sizes = {"encoder": 10, "bottleneck": 5, "decoder": 3}
     log = CommLog(path)
-    r1 = log.record(plan_round("udec", 1, 2, 0), sizes, SyncStats(16, 0.5, 1))
+    r1 = log.append(1, paper_params=paper_round_count(plan_round("udec", 1, 2, 0), sizes, first_round=True),
+                    bytes_moved=16, sync_seconds=0.5)
     r2 = log.append(2, paper_params=12, bytes_moved=16, sync_seconds=0.25)
     assert r1 == {"round": 1, "paper_params": 42, "paper_params_cum": 42, "bytes": 16, "bytes_cum": 16,
                   "sync_seconds": 0.5}
     assert r2 == {"round": 2, "paper_params": 12, "paper_params_cum": 54, "bytes": 16, "bytes_cum": 32,
                   "sync_seconds": 0.25}
-    # record() computes what the paper counts for round 2 of UDec: 2 clients x (3 down + 3 up)
-    assert log.record(plan_round("udec", 3, 2, 0), sizes, SyncStats(0, 0.0, 0))["paper_params"] == 12
+    # what the paper counts for a later round of UDec: 2 clients x (3 down + 3 up)
+    udec3 = paper_round_count(plan_round("udec", 3, 2, 0), sizes, first_round=False)
+    assert log.append(3, paper_params=udec3, bytes_moved=0)["paper_params"] == 12
     rows = read_comm_log(path)
     assert rows[:2] == [r1, r2] and len(rows) == 3
     assert len(path.read_text().splitlines()) == 3
@@ -112,7 +113,8 @@ def test_comm_log_writes_one_line_per_round(tmp_path):
 
 def test_comm_log_without_path_writes_nothing(tmp_path):
     log = CommLog()
-    log.record(plan_round("full", 1, 2, 0), {"encoder": 1, "bottleneck": 1, "decoder": 1}, SyncStats(8, 0, 1))
+    sizes = {"encoder": 1, "bottleneck": 1, "decoder": 1}
+    log.append(1, paper_params=paper_round_count(plan_round("full", 1, 2, 0), sizes, first_round=True), bytes_moved=8)
     assert log.rows[0]["paper_params"] == 2 * 3 * 2 and log.rows[0]["bytes"] == 8
     assert list(tmp_path.iterdir()) == []
 

@@ -1,0 +1,291 @@
+"""The rounds of a federated run: ``Run`` owns everything a round touches, one method per step of the run.
+
+Data flow of one round r (1-based)::
+
+    every hosted client: local training (fedrun.client)        -> no communication
+    exchange.sync(plan_r, hosted client parameters)            -> one all-reduce (fedrun.exchange)
+    gather per-client losses to rank 0, log, checkpoint         -> rank 0 writes shared files,
+                                                                   every rank its own clients
+
+Only rank 0 has shared side effects: its sink prints and writes TensorBoard events, every other rank's sink
+drops everything. Starting the same command on the same run directory resumes from the newest intact
+checkpoint; the data order, noise and dropout of a round are derived from seeds, so a resumed run replays an
+uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid, save_image
+
+from fedrun import checkpoint as ckpt
+from fedrun import dist
+from fedrun.build import image_shape
+from fedrun.client import derive_seed, local_steps
+from fedrun.comm import CommLog, paper_round_count
+from fedrun.config import ConfigError, RunConfig
+from fedrun.hooks import Scorer, ScorerFactory
+from fedrun.methods import GROUPS, RoundPlan, get_method
+from fedrun.output import Sink, rank_sink
+from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes, config_differences
+from fedrun.setup import setup_clients
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one round did, over all ranks."""
+
+    round: int
+    loss: float
+    """Mean over all clients of each client's mean local loss."""
+    images_per_s: float
+    """Training images of all clients per second of compute + sync."""
+    compute_s: float
+    """Local training of this rank's clients."""
+    sync_s: float
+    """This rank's exchange."""
+
+
+class Run:
+    """One rank's part of a federated run: its clients, their trainer and exchange, the run directory and the
+    sink. ``Run.open`` checks the run directory first; a finished run builds nothing."""
+
+    def __init__(self, cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink,
+                 scorer_factory: ScorerFactory | None = None) -> None:
+        self.cfg, self.ctx, self.dir, self.sink = cfg, ctx, run_dir, sink
+        self.method = get_method(cfg.federation.method)
+        self.labels = self.method.model_labels(cfg.federation.clients)
+        self.hosted = setup_clients(cfg, ctx, self.method, sink)
+        self.start_round = 0
+        self.comm_log = CommLog()  # replaced by resume(), which knows the totals so far
+        self._scorer_factory = scorer_factory
+        self._scorer: Scorer | None = None
+
+    @classmethod
+    def open(cls, cfg: RunConfig, ctx: dist.DistContext, scorer_factory: ScorerFactory | None = None) -> Run | None:
+        """Check and claim the run directory, then set this rank up; None when the run finished already."""
+        run_dir = RunDir(cfg.run_dir())
+        sink = rank_sink(ctx.is_main, run_dir.tb)
+        try:
+            if not _claim_run_dir(cfg, ctx, run_dir, sink):
+                sink.close()
+                return None
+            return cls(cfg, ctx, run_dir, sink, scorer_factory)
+        except BaseException:
+            sink.close()
+            raise
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.sink.close()  # also on an error: the bar ends and the events written so far are kept
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the newest intact checkpoint, if any (every rank its own clients), then announce the rounds."""
+        fed, h = self.cfg.federation, self.hosted
+        found = dist.broadcast_object(ckpt.find_resumable(self.dir, self.sink.warn) if self.ctx.is_main else None)
+        counters = {"paper_params_cum": 0, "bytes_cum": 0}
+        if found is not None:
+            self.start_round, rdir = found[0], Path(found[1])
+            counters = ckpt.safe_load(ckpt.shared_file(rdir))["counters"]
+            for k, client in h.clients.items():
+                client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
+            self.sink.info(f"resuming {self.dir.root} after round {self.start_round} of {fed.rounds}")
+        # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
+        # model, or after a resume the checkpointed (already averaged) shared parameters.
+        h.exchange.set_reference(h.first.params)
+        self.comm_log = CommLog(self.dir.comm_log if self.ctx.is_main else None, truncate_after=self.start_round,
+                                **counters)
+        steps = sum(local_steps(c.size, self.cfg.optim.batch_size, fed.local_epochs, fed.max_local_steps)
+                    for c in h.clients.values())
+        self.sink.start_rounds(fed.rounds, self.start_round, steps)
+        if self.start_round == 0:
+            self.sink.info(f"{fed.method} | {fed.clients} clients on {self.ctx.world_size} rank(s) | sizes "
+                           f"{h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}")
+
+    def rounds(self) -> range:
+        """The rounds still to run (from 1)."""
+        return range(self.start_round + 1, self.cfg.federation.rounds + 1)
+
+    def round(self, rnd: int) -> RoundStats:
+        """Train every hosted client, exchange, count and log round ``rnd``."""
+        fed, h = self.cfg.federation, self.hosted
+        plan = self.method.plan(rnd, fed.clients, fed.seed)
+        t0 = time.perf_counter()
+        losses: dict[int, float] = {}
+        images = 0
+        for k, client in h.clients.items():
+            res = h.trainer.train_round(client, rnd, self._trainable(plan, k))
+            losses[k] = res.loss_sum / res.steps
+            images += res.images
+            self.sink.advance_steps(res.steps)
+        compute_s = time.perf_counter() - t0
+        sync = h.exchange.sync(plan, {k: c.params for k, c in h.clients.items()})
+        sync_s = time.perf_counter() - t0 - compute_s
+
+        # One gather per round brings every rank's losses, images and bytes to rank 0.
+        per_rank = dist.gather_dict({self.ctx.rank: (losses, images, sync.bytes)}).values()
+        all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
+        paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
+        row = self.comm_log.append(rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s)
+        stats = RoundStats(rnd, loss=float(np.mean(list(all_losses.values()))),
+                           images_per_s=sum(n for _, n, _ in per_rank) / max(compute_s + sync_s, 1e-9),
+                           compute_s=compute_s, sync_s=sync_s)
+        sink = self.sink
+        for k, v in sorted(all_losses.items()):
+            sink.scalar(f"client/{k}/loss", v, rnd)
+        sink.scalar("round/loss", stats.loss, rnd)
+        sink.scalar(f"comm/paper_params_cum/{fed.method}", row["paper_params_cum"], rnd)
+        sink.scalar(f"comm/bytes_cum/{fed.method}", row["bytes_cum"], rnd)
+        sink.scalar("comm/bytes_all_ranks", sum(b for _, _, b in per_rank), rnd)
+        sink.scalar("time/compute_s", compute_s, rnd)
+        sink.scalar("time/sync_s", sync_s, rnd)
+        sink.scalar("throughput/images_per_s", stats.images_per_s, rnd)
+        sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s)
+        return stats
+
+    def _trainable(self, plan: RoundPlan, client: int) -> set[str] | None:
+        """Parameter names ``client`` trains this round; None = the whole model."""
+        groups = self.method.trainable(plan, client, self.cfg.federation.usplit_train)
+        if groups == GROUPS:
+            return None
+        return {n for g in groups for n in self.hosted.groups[g]}
+
+    def checkpoint(self, rnd: int) -> None:
+        """Every rank writes its clients' states, rank 0 the shared state; the round counts once all are on disk."""
+        rdir = ckpt.round_dir(self.dir, rnd)
+        for k, client in self.hosted.clients.items():
+            atomic_save(client.state_dict(), ckpt.client_file(rdir, k))
+        if self.ctx.is_main:
+            atomic_save({"round": rnd, "config": self.cfg.to_json(), "counters": self.comm_log.counters()},
+                        ckpt.shared_file(rdir))
+        dist.barrier()  # every client file is on disk before the round is declared complete
+        if self.ctx.is_main:
+            ckpt.finalize(self.dir, rnd, self.cfg.federation.clients, self.cfg.keep_checkpoints)
+        dist.barrier()
+
+    # -- models, samples, scores -----------------------------------------------------------------
+    def export_models(self) -> None:
+        """The evaluation hook: ``models/global[_ema].pt``, or ``models/client{k}[_ema].pt`` (personalised).
+
+        Each client's EMA follows its own local steps and is never exchanged during training. Here the EMA
+        copies are averaged once with ``Method.final_plan`` (a global model: every group over every client;
+        personalised: the shared groups), so the saved EMA model has the structure of the raw one.
+        """
+        fed, h = self.cfg.federation, self.hosted
+        if self.cfg.optim.ema_decay:
+            h.exchange.sync(self.method.final_plan(fed.rounds, fed.clients, fed.seed),
+                            {k: c.ema.shadow for k, c in h.clients.items()})
+        # After a full-model sync every client holds the global model: rank 0 writes its first one.
+        owners = list(h.clients.values()) if self.method.personalised else [h.first] if self.ctx.is_main else []
+        for client in owners:
+            label = self._label(client.cid)
+            atomic_save({n: t.detach().cpu() for n, t in client.params.items()}, self.dir.model_file(label))
+            if client.ema is not None:
+                atomic_save({n: t.cpu() for n, t in client.ema.shadow.items()}, self.dir.model_file(label, ema=True))
+        dist.barrier()
+
+    def _models(self) -> Iterator[int]:
+        """Put each model this rank samples into the working module (EMA weights when kept); yields its client.
+
+        The global model is sampled once, on rank 0; personalised clients each on their own rank. The working
+        module's tensors are restored afterwards: they may be a client's own (aliased) parameters.
+        """
+        h = self.hosted
+        who = list(h.clients) if self.method.personalised else ([h.first.cid] if self.ctx.is_main else [])
+        stash = [p.detach().clone() for p in h.model.parameters()]
+        try:
+            for k in who:
+                h.trainer.load(h.clients[k])
+                if h.clients[k].ema is not None:
+                    h.clients[k].ema.copy_to(h.model)
+                h.model.eval()
+                yield k
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(h.model.parameters(), stash, strict=True):
+                    p.copy_(saved)
+
+    def _label(self, client: int) -> str:
+        """The model label of ``client``'s model: its own, or 'global'."""
+        return self.labels[client] if self.method.personalised else self.labels[0]
+
+    @torch.no_grad()
+    def sample_grids(self, rnd: int, final: bool = False) -> None:
+        """A grid of ``num_samples`` samples of every model to TensorBoard; ``final``: also ``samples/*.png``."""
+        channels, size = image_shape(self.cfg)
+        n, device = self.cfg.num_samples, self.ctx.device
+        grids: dict[int, np.ndarray] = {}
+        for k in self._models():
+            g = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.federation.seed, 3, k))
+            x = self.hosted.diffusion.sample(self.hosted.model, (n, channels, size, size), device,
+                                             steps=self.cfg.sample_steps, generator=g)
+            grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
+            grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            if final:
+                save_image(grid, self.dir.sample_grid(self._label(k)))
+        for k, img in sorted(dist.gather_dict(grids).items()):
+            self.sink.image(f"samples/{self._label(k)}", img, rnd)
+
+    def score(self, rnd: int) -> None:
+        """FID of every model (``cfg.fid_samples`` samples each), where it lives; the mean to the sink."""
+        scores: dict[int, float] = {}
+        for k in self._models():
+            if self._scorer is None:  # reference statistics load once, on the ranks that score
+                assert self._scorer_factory is not None, "train() refuses fid_every > 0 without a factory"
+                self._scorer = self._scorer_factory(self.cfg, self.ctx.device, self.dir.eval)
+            scores[k] = self._scorer(self.hosted.model, self.hosted.diffusion,
+                                     derive_seed(self.cfg.federation.seed, 4, k))
+        scores = dist.gather_dict(scores)
+        mean = float(np.mean(list(scores.values())))
+        if self.method.personalised:
+            for k, v in sorted(scores.items()):
+                self.sink.scalar(f"fid/train/{self._label(k)}", v, rnd)
+        self.sink.scalar("fid/train", mean, rnd)
+        ref = self.cfg.fid_ref or f"{self.cfg.data.dataset}:test"
+        self.sink.info(f"round {rnd}: FID {mean:.2f} ({len(scores)} model(s), {self.cfg.fid_samples} samples "
+                       f"vs {ref})")
+
+    def finish(self) -> None:
+        """Close the event files, then mark the run DONE once every rank has written its outputs."""
+        self.sink.close()
+        dist.barrier()
+        if self.ctx.is_main:
+            self.dir.mark_done(self.cfg.federation.rounds)
+            self.sink.info(f"done; outputs in {self.dir.root} (tensorboard --logdir {self.dir.tb})")
+
+
+def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink) -> bool:
+    """Refuse an incompatible resume before anything is built; False when the run finished already. Else rank
+    0 writes the config and clears DONE (a run with more rounds than it finished resumes)."""
+    K, W, rounds = cfg.federation.clients, ctx.world_size, cfg.federation.rounds
+    if K < W:
+        raise ConfigError(f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
+                          f"every rank hosts at least one client (use --clients >= {W})")
+    if run_dir.config.exists():
+        saved = RunConfig.from_json(run_dir.config.read_text())
+        diffs = config_differences(saved.to_flat_dict(), cfg.to_flat_dict())
+        if diffs:
+            raise ConfigError(f"cannot resume {run_dir.root}: its config differs in " + ", ".join(diffs)
+                              + "; choose another --name/--out-dir")
+    if dist.broadcast_object(run_dir.is_done(rounds) if ctx.is_main else None):
+        sink.info(f"{run_dir.root} already finished {rounds} rounds; nothing to do")
+        return False
+    if ctx.is_main:
+        run_dir.models.mkdir(parents=True, exist_ok=True)
+        run_dir.samples.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir.config, cfg.to_json().encode())
+        run_dir.clear_done()
+    dist.barrier()
+    return True
