@@ -1,101 +1,37 @@
 """`fedrun` command line: thin, dispatches to the modules that do the work.
 
-Subcommands: train, info, partition, submit, sweep, eval, fid, report.
+Subcommands: train, config, info, partition, submit, sweep, eval, fid, report. This is the composition root,
+the one module that imports all four packages (fedrun, unet, slurm, evaluation): it hands the training entry
+to Slurm and the FID scorer to training, so that no package imports upwards. Building the parser imports no
+torch (``fedrun --help`` is instant); a command imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
-from fedrun.config import ConfigError, RunConfig, apply_overrides, field_names, get_preset
-
-# Short flags for the fields users change most; anything else goes through --set key=value.
-SHORTCUTS: dict[str, tuple[str, type]] = {
-    "--method": ("federation.method", str),
-    "--clients": ("federation.clients", int),
-    "--rounds": ("federation.rounds", int),
-    "--local-epochs": ("federation.local_epochs", float),
-    "--max-local-steps": ("federation.max_local_steps", int),
-    "--partition": ("data.partition", str),
-    "--beta": ("data.beta", float),
-    "--seed": ("federation.seed", int),
-    "--dataset": ("data.dataset", str),
-    "--data-root": ("data.root", str),
-    "--client-data": ("data.client_data", str),
-    "--subset": ("data.subset", int),
-    "--batch-size": ("optim.batch_size", int),
-    "--lr": ("optim.lr", float),
-    "--ema": ("optim.ema_decay", float),
-    "--arch": ("model.arch", str),
-    "--out-dir": ("out_dir", str),
-    "--name": ("name", str),
-    "--device": ("device", str),
-}
+import evaluation.commands
+import slurm.commands
+from fedrun import info
+from fedrun.args import add_config_arguments, config_from_args
+from fedrun.config import DATASETS, METHOD_NAMES, PARTITIONS, ConfigError, RunConfig
+from fedrun.presets import PRESETS
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments that build a RunConfig: preset, JSON file, shortcuts, --set overrides."""
-    g = p.add_argument_group("configuration (preset, then --config, then flags, then --set)")
-    g.add_argument("--preset", default="quickstart", help="named preset (default: quickstart)")
-    g.add_argument("--config", type=Path, help="a config.json (e.g. from an earlier run) to start from")
-    for flag, (dest, tp) in SHORTCUTS.items():
-        g.add_argument(flag, dest="opt_" + dest.replace(".", "__"), type=str, default=None,
-                       metavar=tp.__name__.upper(), help=f"sets {dest}")
-    g.add_argument("--download", action="store_true", default=None, help="download a missing dataset")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set optim.ema_decay=0.999 (repeatable)")
+def train_entry(cfg: RunConfig) -> Path:
+    """One federated run, as every rank runs it (torchrun or a Slurm task): ``fedrun.train.train``, with FID
+    during training when ``cfg.fid_every`` asks for it. Module-level, so that submitit pickles it by name."""
+    from evaluation.scoring import fid_scorer  # torch and Inception: only when a run starts
+    from fedrun.train import train
 
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig from parsed arguments; raises ConfigError with a one-line message."""
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"invalid --config={str(path)!r}: file not found")
-        cfg = RunConfig.from_json(path.read_text())
-    else:
-        cfg = get_preset(args.preset)
-    overrides: dict[str, Any] = {}
-    for dest, _tp in SHORTCUTS.values():
-        v = getattr(args, "opt_" + dest.replace(".", "__"), None)
-        if v is not None:
-            overrides[dest] = v
-    if getattr(args, "download", None):
-        overrides["data.download"] = "true"
-    for item in getattr(args, "overrides", []) or []:
-        if "=" not in item:
-            raise ConfigError(f"invalid --set {item!r}: expected FIELD=VALUE, e.g. optim.lr=2e-4")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def config_to_argv(cfg: RunConfig) -> list[str]:
-    """The reverse: argv that rebuilds `cfg` exactly (used to launch tasks on Slurm)."""
-    argv: list[str] = []
-    default = RunConfig()
-    flat, flat_default = cfg.to_flat_dict(), default.to_flat_dict()
-    for k in field_names():
-        v = flat[k]
-        if v != flat_default[k] or k == "data.root":
-            if isinstance(v, (list, tuple)):
-                v = ",".join(str(x) for x in v)
-            argv += ["--set", f"{k}={'none' if v is None else v}"]
-    return ["--preset", "paper-fmnist"] + argv  # paper-fmnist == RunConfig() defaults
-
-
-# -- subcommands -----------------------------------------------------------------------------
+    return train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    from fedrun.train import train
-
-    train(cfg)
+    train_entry(config_from_args(args))
     return 0
 
 
@@ -104,10 +40,32 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("fedrun")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _epilog() -> str:
+    """The allowed values of the choices users ask for most, and what each preset is."""
+    lines = [
+        "methods:    " + ", ".join(METHOD_NAMES),
+        "partitions: " + ", ".join(PARTITIONS),
+        "datasets:   " + ", ".join(DATASETS),
+        "presets:",
+    ]
+    lines += [f"  {name:<13} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items()]
+    lines.append("`fedrun COMMAND --help` for a command's options; `fedrun config` prints every config field.")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedrun", description="Federated training of diffusion models (FedDiffuse)."
+        prog="fedrun", description="Federated training of diffusion models (FedDiffuse).", epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"fedrun {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -120,14 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
 
     # Subcommands that live next to the code they drive; each module has register(sub).
-    for module in ("fedrun.info", "fedrun.partition", "slurm.commands", "evaluation.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:  # a part not yet built must not break the rest
-            if e.name and module.startswith(e.name):
-                continue
-            raise
-        mod.register(sub)
+    info.register(sub)
+    slurm.commands.register(sub, train_fn=train_entry)
+    evaluation.commands.register(sub)
     return parser
 
 

@@ -1,12 +1,14 @@
-"""Typed run configuration: a tree of small dataclasses, named presets, overrides, JSON.
+"""Typed run configuration: a tree of small dataclasses, overrides, JSON (named presets: ``fedrun.presets``).
 
 Every field is validated in ``__post_init__`` so a bad value fails before any process starts,
-with one line naming the field and what is allowed (``ConfigError``).
+with one line naming the field and what is allowed (``ConfigError``). Nothing here imports torch: the CLI
+builds and checks a config before it decides whether a command needs torch at all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import types
@@ -15,14 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrun.methods import METHOD_NAMES
+from fedrun.methods import METHOD_NAMES, USPLIT_TRAIN
+from fedrun.partition import KINDS as PARTITIONS
+from unet import ARCHS  # torch-free: unet's names are lazy
 
-PARTITIONS = ("iid", "label-skew", "quantity-skew")
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder")
+# Choice lists this module owns (the others come from the module that gives them meaning, above).
+TORCHVISION_DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba")
+DATASETS = (*TORCHVISION_DATASETS, "imagefolder")
 PLACEMENTS = ("auto", "device", "host")
-ARCHS = ("paper-unet", "ddpm-unet")
 LOSSES = ("huber", "l2")
-DTYPES = ("fp32", "bf16")
+EXCHANGE_DTYPES = ("fp32", "bf16")
+"""What the exchange may send: fp32, or bf16 (half the bytes); ``fedrun.exchange`` imports it from here."""
+AMP_DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
 
 
 class ConfigError(ValueError):
@@ -148,8 +156,8 @@ class FederationConfig:
         _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
         _check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",
                self.max_local_steps, "allowed: a positive integer or none")
-        _choice("federation.usplit_train", self.usplit_train, ("all", "assigned"))
-        _choice("federation.exchange_dtype", self.exchange_dtype, DTYPES)
+        _choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
+        _choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
 
 
 @dataclass
@@ -172,7 +180,7 @@ class OptimConfig:
         _check(self.batch_size >= 1, "optim.batch_size", self.batch_size, "allowed: an integer >= 1")
         _check(self.ema_decay is None or 0 < self.ema_decay < 1, "optim.ema_decay", self.ema_decay,
                "allowed: 0 < decay < 1 or none")
-        _choice("optim.amp", self.amp, ("auto", "fp32", "bf16"))
+        _choice("optim.amp", self.amp, AMP_DTYPES)
 
 
 @dataclass
@@ -219,7 +227,7 @@ class RunConfig:
                "allowed: a positive integer or none")
         _check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
         _check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
-        _choice("device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        _choice("device", self.device.split(":")[0], DEVICES)
         _check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
 
     # -- derived -----------------------------------------------------------------------------
@@ -250,72 +258,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: plain functions returning a RunConfig.
-
-
-def preset_quickstart() -> RunConfig:
-    """Laptop CPU: 2 clients, 3 rounds of a few local steps on real Fashion-MNIST (a few minutes)."""
-    return RunConfig(
-        data=DataConfig(subset=4000),
-        federation=FederationConfig(clients=2, rounds=3, local_epochs=1, max_local_steps=25),
-        optim=OptimConfig(batch_size=32, lr=5e-4),
-        num_samples=16,
-        sample_steps=50,
-        preset="quickstart",
-    )
-
-
-def preset_paper_fmnist() -> RunConfig:
-    """The paper's setup: Fashion-MNIST, batch 128, Adam 1e-4, Huber, E=5, R=15, beta=0.5, seed 2023."""
-    return RunConfig(preset="paper-fmnist")
-
-
-def preset_paper_celeba() -> RunConfig:
-    """The paper's CelebA setting (64x64x3, centre crop 178)."""
-    return RunConfig(data=DataConfig(dataset="celeba"), preset="paper-celeba")
-
-
-def preset_ddpm_cifar10() -> RunConfig:
-    """Ho et al.'s DDPM UNet (35.7M parameters) on CIFAR-10, L2 loss, Adam 2e-4."""
-    return RunConfig(
-        model=ModelConfig(arch="ddpm-unet"),
-        diffusion=DiffusionConfig(loss="l2"),
-        data=DataConfig(dataset="cifar10"),
-        optim=OptimConfig(lr=2e-4, ema_decay=0.9999),
-        preset="ddpm-cifar10",
-    )
-
-
-def preset_tiny() -> RunConfig:
-    """Tests: a small paper UNet (dim_mults 1,2), a few steps, few diffusion steps."""
-    return RunConfig(
-        model=ModelConfig(dim_mults=(1, 2)),
-        diffusion=DiffusionConfig(timesteps=50),
-        data=DataConfig(subset=256),
-        federation=FederationConfig(clients=2, rounds=2, local_epochs=1, max_local_steps=2),
-        optim=OptimConfig(batch_size=8),
-        num_samples=4,
-        sample_steps=5,
-        preset="tiny",
-    )
-
-
-PRESETS = {
-    "quickstart": preset_quickstart,
-    "paper-fmnist": preset_paper_fmnist,
-    "paper-celeba": preset_paper_celeba,
-    "ddpm-cifar10": preset_ddpm_cifar10,
-    "tiny": preset_tiny,
-}
-
-
-def get_preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"invalid preset={name!r}: allowed: " + ", ".join(PRESETS))
-    return PRESETS[name]()
-
-
-# ---------------------------------------------------------------------------------------------
 # Overrides: "federation.clients=4", "optim.lr=2e-4", "model.dim_mults=1,2,4", "data.subset=none".
 
 
@@ -331,6 +273,30 @@ def field_names(cfg: Any = None, prefix: str = "") -> list[str]:
         else:
             out.append(prefix + f.name)
     return out
+
+
+def suggest_fields(key: str, n: int = 3) -> list[str]:
+    """The known field names nearest to ``key``, best first: the same leaf in another section ('rounds' ->
+    'federation.rounds'), else fields whose name has it as a word ('ema' -> 'optim.ema_decay'), else the
+    closest spellings of the leaf (difflib), within the section when it names one."""
+    known = field_names()
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        return same_leaf[:n]
+    words = [k for k in known if leaf in k.rpartition(".")[2].split("_")]
+    if words:
+        return words[:n]
+    pool = [k for k in known if k.rpartition(".")[0] == section] or known
+    leaves = {k.rpartition(".")[2]: k for k in pool}
+    return [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.6)]
+
+
+def unknown_field_message(key: str) -> str:
+    """One line: 'unknown config field 'optim.lrr' (did you mean optim.lr?)'."""
+    close = suggest_fields(key)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else " (`fedrun config` prints every field)"
+    return f"unknown config field {key!r}{hint}"
 
 
 def _parse_value(text: Any, tp: Any, name: str) -> Any:
@@ -370,9 +336,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     known = set(field_names())
     for key, value in overrides.items():
         if key not in known:
-            close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config field {key!r}{hint}")
+            raise ConfigError(unknown_field_message(key))
         parts = key.split(".")
         node: Any = d
         cls: Any = RunConfig
@@ -396,7 +360,7 @@ def _from_dict(cls: Any, d: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise ConfigError(f"unknown config field {prefix + sorted(unknown)[0]!r}")
+        raise ConfigError(unknown_field_message(prefix + sorted(unknown)[0]))
     kwargs = {}
     for k, v in d.items():
         t = hints[k]

@@ -1,30 +1,28 @@
-"""Data sets as in-memory uint8 tensors, and the data of the clients a process hosts.
-
-Everything is held as one ``uint8`` tensor ``[N, C, H, W]`` plus ``int64`` labels ``[N]``: a client's
-data is small enough for the training loop to keep on the GPU and shuffle there, and uint8 is 4x
-smaller than float. ``to_model_range`` maps a batch to the model's [-1, 1] when it is used.
+"""The torchvision data sets in memory, and the data of the clients a process hosts.
 
 Two ways to get client data (``load_client_data``):
 
 - Simulation: one torchvision data set (optionally its first ``subset`` examples) is split over the
   clients by ``fedrun.partition``; every process computes the same split and keeps its own clients.
 - Real deployment: ``DataConfig.client_data`` is a path template with ``{client}``; each hosted client
-  reads only its own image folder, so a process does not know the other clients' sizes.
+  reads only its own image folder (``fedrun.images``), so a process does not know the other clients' sizes.
 
-Missing data raises ``DataNotFoundError`` with one line naming the files, the folder and where to
-get them; torchvision's own errors for missing files never get through.
+Images are uint8 ``ClientData`` (``fedrun.images``). Missing data raises ``DataNotFoundError`` with one line
+naming the files, the folder and where to get them; torchvision's own errors for missing files never get
+through.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedrun.config import DataConfig
+from fedrun.config import TORCHVISION_DATASETS, DataConfig
+from fedrun.images import ClientData, DataNotFoundError, load_image_folder, resize_images
+from fedrun.partition import partition
 
 # (channels, native image size) of every data set; imagefolder images are converted to this shape
 # unless told otherwise, so that every client of a real deployment feeds the same model.
@@ -35,41 +33,10 @@ SHAPES: dict[str, tuple[int, int]] = {
     "celeba": (3, 64),
     "imagefolder": (3, 64),
 }
-TORCHVISION_DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba")
 CELEBA_CROP = 178
 """CelebA is centre-cropped to 178x178 (the face) before resizing, as in the paper."""
 CELEBA_LABEL = "Male"
 """CelebA has no classes; its binary 'Male' attribute (0/1) serves as label for partitions."""
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataNotFoundError(FileNotFoundError):
-    """Data is missing; the message is one line: what to download, and where to put it."""
-
-
-@dataclass
-class ClientData:
-    """One client's (or one data set's) examples, all in memory."""
-
-    images: torch.Tensor
-    """uint8 [N, C, H, W], values 0..255."""
-    labels: torch.Tensor
-    """int64 [N]; 0 for unlabelled images."""
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"invalid images: dtype {self.images.dtype}, shape {tuple(self.images.shape)}: "
-                "allowed: uint8 [N, C, H, W]"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"invalid labels: dtype {self.labels.dtype}, shape {tuple(self.labels.shape)}: "
-                f"allowed: int64 [{self.images.shape[0]}]"
-            )
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 def dataset_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
@@ -81,30 +48,6 @@ def dataset_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
         raise ValueError(f"invalid dataset {name!r}: allowed: " + ", ".join(SHAPES))
     channels, native = SHAPES[name]
     return channels, image_size or native
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [-1, 1] (x / 127.5 - 1), on the same device."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"to_model_range expects uint8 images, got {images.dtype}")
-    return images.float() / 127.5 - 1.0
-
-
-def from_model_range(x: torch.Tensor) -> torch.Tensor:
-    """float in [-1, 1] -> uint8 0..255 (clamped, rounded): the inverse of ``to_model_range``."""
-    return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Resize uint8 [N, C, H, W] to [N, C, size, size] (bilinear, antialiased), in chunks to bound memory."""
-    from torchvision.transforms.v2 import functional as F
-
-    if images.shape[-2:] == (size, size):
-        return images
-    out = [
-        F.resize(images[i : i + chunk], [size, size], antialias=True) for i in range(0, len(images), chunk)
-    ]
-    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,74 +242,6 @@ def load_labels(name: str, root: str | os.PathLike, train: bool = True, download
 
 
 # ---------------------------------------------------------------------------------------------
-# Image folders (a client's private images)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def load_image_folder(
-    path: str | os.PathLike, image_size: int | None = None, channels: int | None = None
-) -> ClientData:
-    """Load every image of a folder into memory.
-
-    Layout: torchvision's ImageFolder (one subfolder per class; labels = sorted subfolder index) when
-    any subfolder holds images, else a flat folder of images (all label 0). ``channels`` 1 converts
-    to grey, 3 to RGB; None picks 1 if every image is grey, else 3. ``image_size`` resizes the shorter
-    side and centre-crops to a square; None requires every image to have the same size.
-    """
-    from PIL import Image
-    from torchvision.transforms import functional as TF
-
-    folder = Path(path)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"invalid channels={channels!r}: allowed: 1, 3 or None")
-    if not folder.is_dir():
-        raise DataNotFoundError(
-            f"image folder {folder} not found: put the client's images there "
-            f"({', '.join(IMAGE_EXTENSIONS)}), flat or in class subfolders"
-        )
-    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and _image_files(d))
-    if class_dirs:
-        files = [(f, c) for c, d in enumerate(class_dirs) for f in _image_files(d)]
-    else:
-        files = [
-            (f, 0) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-    if not files:
-        raise DataNotFoundError(
-            f"no images found in {folder}: put the client's images there "
-            f"({', '.join(IMAGE_EXTENSIONS)}), flat or in class subfolders"
-        )
-
-    pil = []
-    for f, _ in files:
-        with Image.open(f) as im:
-            im.load()
-            pil.append(im)
-    if channels is None:
-        grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in pil)
-        channels = 1 if grey else 3
-    mode = "L" if channels == 1 else "RGB"
-
-    tensors = []
-    for (f, _), im in zip(files, pil, strict=True):
-        im = im.convert(mode)
-        if image_size is not None:
-            im = TF.center_crop(TF.resize(im, image_size), [image_size, image_size])
-        t = TF.pil_to_tensor(im)  # uint8 [C, H, W]
-        if tensors and t.shape != tensors[0].shape:
-            raise ValueError(
-                f"images in {folder} differ in size ({files[0][0].name}: {tuple(tensors[0].shape[1:])}, "
-                f"{f.name}: {tuple(t.shape[1:])}): set an image_size (data.image_size) to resize them"
-            )
-        tensors.append(t)
-    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
-    return ClientData(images=torch.stack(tensors), labels=labels)
-
-
-# ---------------------------------------------------------------------------------------------
 # The clients a process hosts
 
 
@@ -385,8 +260,6 @@ def load_client_data(
     data_cfg.image_size)`` so that all clients feed the same model. Sizes of clients hosted elsewhere
     are not known here and are ``None``: the runtime gathers them across ranks (FedAvg weights).
     """
-    from fedrun.partition import partition
-
     ids = list(client_ids)
     bad = [c for c in ids if not (isinstance(c, (int, np.integer)) and 0 <= c < num_clients)]
     if bad or len(set(ids)) != len(ids):

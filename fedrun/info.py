@@ -1,18 +1,28 @@
-"""`fedrun info`: parameter groups and the communication budget of every method, before a run."""
+"""`fedrun info` and `fedrun partition`: what a setup looks like before a run.
+
+``info``: the model's parameter groups and the communication budget of every method. ``partition``: how a
+data set is split over the clients (sizes, class histograms). Registering them imports no torch; ``info``
+builds the model when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from fedrun.build import build_model
+from fedrun.args import add_config_arguments, config_from_args
 from fedrun.comm import collective_bytes_per_round, paper_total, usplit_range
-from fedrun.config import RunConfig
+from fedrun.config import EXCHANGE_DTYPES, PARTITIONS, TORCHVISION_DATASETS, RunConfig, default_data_root
 from fedrun.methods import METHOD_NAMES, get_method, plan_round
+from fedrun.partition import class_histograms, format_partition, partition
 from unet import GROUPS, group_sizes, parameter_groups
 
 
 def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
+    """Parameters per group, the paper's count N per method and the all-reduce bytes per round and rank."""
+    from fedrun.build import build_model  # torch: only when the command runs
+
     model = build_model(cfg)
     groups = parameter_groups(model)
     named = dict(model.named_parameters())
@@ -27,7 +37,7 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
         else:
             comm[m] = paper_total(m, sizes, num_clients, rounds, seed)
         plan = plan_round(m, 1, num_clients, seed)
-        bytes_per_round[m] = {dt: collective_bytes_per_round(plan, named_sizes, dt) for dt in ("fp32", "bf16")}
+        bytes_per_round[m] = {dt: collective_bytes_per_round(plan, named_sizes, dt) for dt in EXCHANGE_DTYPES}
     return {
         "model": {"arch": cfg.model.arch, "dataset": cfg.data.dataset},
         "params": {"total": sum(sizes.values()), **sizes},
@@ -53,24 +63,81 @@ def format_info(d: dict) -> str:
         else:
             txt, rel = f"{v / 1e6:,.2f} x 10^6", f"{100 * v / full:.1f} % of full"
         b = d["bytes_per_round_per_rank"][m]
-        lines.append(f"  {m:<8} {txt:<28} {rel:<22} all-reduce/round/rank: {b['fp32'] / 2**20:,.2f} MiB fp32, "
-                     f"{b['bf16'] / 2**20:,.2f} MiB bf16")
+        per_dtype = ", ".join(f"{b[dt] / 2**20:,.2f} MiB {dt}" for dt in EXCHANGE_DTYPES)
+        lines.append(f"  {m:<8} {txt:<28} {rel:<22} all-reduce/round/rank: {per_dtype}")
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from fedrun.cli import config_from_args
-
+def run_info(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     d = describe(cfg, cfg.federation.clients, cfg.federation.rounds)
     print(json.dumps(d, indent=2) if args.json else format_info(d))
     return 0
 
 
-def register(sub) -> None:
-    from fedrun.cli import add_config_arguments
+def run_partition(args: argparse.Namespace) -> int:
+    """Run ``fedrun partition``: 0 on success, 1 (message on stderr) on missing data or bad input."""
+    from fedrun.data import DataNotFoundError, load_labels  # torchvision: only when the command runs
 
+    root = args.data_root or default_data_root()
+    try:
+        labels = load_labels(args.dataset, root, train=True, download=args.download)
+        if args.subset is not None:
+            if args.subset < 1:
+                raise ValueError(f"invalid --subset={args.subset}: allowed: a positive integer")
+            labels = labels[: args.subset]
+        parts = partition(labels, args.clients, args.partition, args.beta, args.seed, args.min_per_client)
+    except (DataNotFoundError, ValueError) as e:
+        print(f"fedrun partition: error: {e}", file=sys.stderr)
+        return 1
+    num_classes = int(labels.max()) + 1
+    if args.json:
+        out = {
+            "dataset": args.dataset,
+            "partition": args.partition,
+            "clients": args.clients,
+            "beta": args.beta,
+            "seed": args.seed,
+            "min_per_client": args.min_per_client,
+            "examples": len(labels),
+            "sizes": [len(p) for p in parts],
+            "class_histograms": class_histograms(labels, parts, num_classes).tolist(),
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(
+            f"{args.dataset}: {len(labels)} examples over {args.clients} clients, "
+            f"partition={args.partition} beta={args.beta} seed={args.seed}"
+        )
+        print(format_partition(parts, labels, num_classes))
+    return 0
+
+
+def _add_partition_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "partition",
+        help="show how a data set is split over clients (sizes, class histograms)",
+        description="Print per-client sizes and class histograms of a simulated partition.",
+    )
+    p.add_argument("--dataset", default="fashion-mnist", choices=TORCHVISION_DATASETS)
+    p.add_argument("--clients", type=int, default=2, help="number of clients K (default 2)")
+    p.add_argument("--partition", default="iid", choices=PARTITIONS)
+    p.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    p.add_argument("--seed", type=int, default=2023, help="partition seed (default 2023, the paper's)")
+    p.add_argument("--min-per-client", type=int, default=10, help="skewed kinds: minimum examples per client")
+    p.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
+    p.add_argument(
+        "--data-root", default=None, help=f"data root (default $FEDRUN_DATA or {default_data_root()})"
+    )
+    p.add_argument("--download", action="store_true", help="download a missing data set (needs internet)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_partition)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``info`` and ``partition`` subcommands to ``sub`` (the result of ``parser.add_subparsers()``)."""
     p = sub.add_parser("info", help="parameters and communication budget per method (K=--clients, R=--rounds)")
     add_config_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run_info)
+    _add_partition_parser(sub)

@@ -13,18 +13,16 @@ which the FedDiffuse paper adapts (its section 4, seed 2023, beta = 0.5):
 The random stream is numpy's legacy ``RandomState(seed)`` drawn in NIID-Bench's order, so the same
 seed gives the paper's partitions: quantity-skew, K = 5, n = 60,000, seed 2023 gives clients of
 529 / 13 / 46,087 / 11,898 / 1,473 images (the paper prints the unrounded 13.5 as 14). Nothing here
-depends on the process, so every rank computes the same partition from the same inputs.
+depends on the process, so every rank computes the same partition from the same inputs. The command that
+prints a partition, ``fedrun partition``, lives in ``fedrun.info``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
 import numpy as np
 
 KINDS = ("iid", "label-skew", "quantity-skew")
+"""The partition kinds (``data.partition`` validates against them as ``fedrun.config.PARTITIONS``)."""
 
 
 def partition(
@@ -155,74 +153,3 @@ def format_partition(parts: list[np.ndarray], labels: np.ndarray, num_classes: i
     lines += [row(str(j), hist[j]) for j in range(len(parts))]
     lines += ["-" * len(header), row("total", hist.sum(axis=0))]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: `fedrun partition`.
-
-
-def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``partition`` subcommand to ``sub`` (the result of ``parser.add_subparsers()``)."""
-    from fedrun.config import default_data_root
-
-    p = sub.add_parser(
-        "partition",
-        help="show how a data set is split over clients (sizes, class histograms)",
-        description="Print per-client sizes and class histograms of a simulated partition.",
-    )
-    p.add_argument(
-        "--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist", "cifar10", "celeba")
-    )
-    p.add_argument("--clients", type=int, default=2, help="number of clients K (default 2)")
-    p.add_argument("--partition", default="iid", choices=KINDS)
-    p.add_argument("--beta", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
-    p.add_argument("--seed", type=int, default=2023, help="partition seed (default 2023, the paper's)")
-    p.add_argument("--min-per-client", type=int, default=10, help="skewed kinds: minimum examples per client")
-    p.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
-    p.add_argument(
-        "--data-root", default=None, help=f"data root (default $FEDRUN_DATA or {default_data_root()})"
-    )
-    p.add_argument("--download", action="store_true", help="download a missing data set (needs internet)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=run)
-    return p
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``fedrun partition``: 0 on success, 1 (message on stderr) on missing data or bad input."""
-    from fedrun.config import default_data_root
-    from fedrun.data import DataNotFoundError, load_labels
-
-    root = args.data_root or default_data_root()
-    try:
-        labels = load_labels(args.dataset, root, train=True, download=args.download)
-        if args.subset is not None:
-            if args.subset < 1:
-                raise ValueError(f"invalid --subset={args.subset}: allowed: a positive integer")
-            labels = labels[: args.subset]
-        parts = partition(labels, args.clients, args.partition, args.beta, args.seed, args.min_per_client)
-    except (DataNotFoundError, ValueError) as e:
-        print(f"fedrun partition: error: {e}", file=sys.stderr)
-        return 1
-    num_classes = int(labels.max()) + 1
-    hist = class_histograms(labels, parts, num_classes)
-    if args.json:
-        out = {
-            "dataset": args.dataset,
-            "partition": args.partition,
-            "clients": args.clients,
-            "beta": args.beta,
-            "seed": args.seed,
-            "min_per_client": args.min_per_client,
-            "examples": len(labels),
-            "sizes": [len(p) for p in parts],
-            "class_histograms": hist.tolist(),
-        }
-        print(json.dumps(out, indent=2))
-    else:
-        print(
-            f"{args.dataset}: {len(labels)} examples over {args.clients} clients, "
-            f"partition={args.partition} beta={args.beta} seed={args.seed}"
-        )
-        print(format_partition(parts, labels, num_classes))
-    return 0

@@ -1,10 +1,20 @@
-"""`fedrun submit` and `fedrun sweep`: thin command-line wrappers around slurm.submit / slurm.sweep."""
+"""`fedrun submit` and `fedrun sweep`: thin command-line wrappers around slurm.submit / slurm.sweep.
+
+The CLI passes the training entry to ``register`` (``train_fn``): what every Slurm task runs. Registering
+imports neither submitit nor torch; the commands import submitit when they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedrun.args import add_config_arguments, config_from_args
+
+if TYPE_CHECKING:
+    from slurm.submit import TrainFn
 
 
 def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,13 +76,12 @@ def _wait(jobs: list) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from fedrun.cli import config_from_args
     from slurm.submit import Submission, SubmitError, resolve_tasks_per_node, submit
 
     try:
         cfg = config_from_args(args)
         opts = options_from_args(args)
-        out = submit(cfg, opts, dry_run=args.dry_run)
+        out = submit(cfg, opts, args.train_fn, dry_run=args.dry_run)
         tpn = resolve_tasks_per_node(opts, cfg.federation.clients)
     except SubmitError as e:
         return _error(e)
@@ -93,7 +102,6 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from fedrun.cli import config_from_args
     from slurm.submit import SubmitError
     from slurm.sweep import format_plan, load_grid, parse_grid_sets
     from slurm.sweep import run_sweep as _run_sweep
@@ -101,8 +109,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         grid = load_grid(args.grid) if args.grid else {}
         grid.update(parse_grid_sets(args.grid_set))
-        res = _run_sweep(config_from_args(args), grid, options_from_args(args), sweep_dir=args.sweep_dir,
-                         dry_run=args.dry_run)
+        res = _run_sweep(config_from_args(args), grid, options_from_args(args), args.train_fn,
+                         sweep_dir=args.sweep_dir, dry_run=args.dry_run)
     except SubmitError as e:
         return _error(e)
     print(format_plan(res))
@@ -122,15 +130,14 @@ def run_sweep(args: argparse.Namespace) -> int:
     return _wait(res.jobs) if args.wait and res.jobs else 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from fedrun.cli import add_config_arguments
-
+def register(sub: argparse._SubParsersAction, train_fn: TrainFn) -> None:
+    """Add ``submit`` and ``sweep`` to ``sub``; their jobs run ``train_fn(cfg)`` in every task."""
     p = sub.add_parser("submit", help="submit one federated run to Slurm (one task per client rank)",
                        description="Submit one run through submitit: each Slurm task is a client rank "
                        "running fedrun.train; the job requeues itself on timeout and resumes.")
     add_config_arguments(p)
     add_slurm_arguments(p)
-    p.set_defaults(func=run_submit)
+    p.set_defaults(func=run_submit, train_fn=train_fn)
 
     p = sub.add_parser("sweep", help="submit a grid of runs as one Slurm job array",
                        description="Grid over config fields -> one job array; SWEEP_DIR/manifest.json maps "
@@ -148,4 +155,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--array-parallelism", type=int, default=None,
                    help="at most N array elements run at once (sbatch --array=...%%N)")
     add_slurm_arguments(p)
-    p.set_defaults(func=run_sweep)
+    p.set_defaults(func=run_sweep, train_fn=train_fn)

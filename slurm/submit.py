@@ -1,6 +1,8 @@
 """Submit one federated run to Slurm through submitit: one Slurm task per client rank.
 
-Every task runs the same entry point as torchrun (``fedrun.train.train``); only the way the
+Every task runs the training entry the caller passes in (the CLI's ``fedrun.cli.train_entry``, what
+``fedrun train`` runs under torchrun: ``fedrun.train.train`` with FID during training when asked); this
+package never imports upwards, so the entry is injected, and pickled by reference. Only the way the
 torch.distributed environment is found differs: here it is derived from the Slurm job
 (``SLURM_PROCID``, ``SLURM_NTASKS``, the first host of ``SLURM_JOB_NODELIST``), so a job may span nodes.
 
@@ -14,12 +16,12 @@ which also lands in ``train()``'s resume.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
 from fedrun.config import RunConfig
+from fedrun.rundir import RunDir
+
+TrainFn = Callable[[RunConfig], Path]
+"""What a Slurm task runs: ``train_fn(cfg) -> run directory``, a module-level function (pickled by name)."""
 
 
 class SubmitError(ValueError):
@@ -179,18 +185,6 @@ def require_sbatch() -> None:
                           "with `sudo bash slurm/start_cluster.sh`), or use --dry-run")
 
 
-def is_done(cfg: RunConfig) -> bool:
-    """The run directory holds a DONE marker for this many rounds (more rounds = resume, not done)."""
-    done = cfg.run_dir() / "DONE"
-    try:
-        rounds = json.loads(done.read_text()).get("rounds")
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError, AttributeError):
-        return True  # a DONE we cannot read still marks a finished run
-    return rounds in (None, cfg.federation.rounds)
-
-
 # -- what runs inside each Slurm task ---------------------------------------------------------------
 
 
@@ -214,11 +208,13 @@ class FederatedRun(Checkpointable):
     """The submitted callable: one federated run; every Slurm task of the job calls it.
 
     It holds the config as JSON (never a pickled dataclass), so a requeued job rebuilds it with the
-    code installed at that time. All training state lives in the run directory's checkpoints.
+    code installed at that time, and the training entry ``train_fn`` (pickled by its module and name). All
+    training state lives in the run directory's checkpoints.
     """
 
-    def __init__(self, config_json: str) -> None:
+    def __init__(self, config_json: str, train_fn: TrainFn) -> None:
         self.config_json = config_json
+        self.train_fn = train_fn
 
     @property
     def config(self) -> RunConfig:
@@ -230,16 +226,14 @@ class FederatedRun(Checkpointable):
         if env.rank == 0:
             print(f"fedrun: rank 0 of {env.world_size}, rendezvous {env.master_addr}:{env.master_port}, "
                   f"run dir {cfg.run_dir()}", flush=True)
-        from fedrun.train import train  # torch is imported in the task, never at submission
-
-        return str(train(cfg))
+        return str(self.train_fn(cfg))  # torch is imported in the task, never at submission
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # Nothing to save here: train() checkpoints every `checkpoint_every` rounds and resumes
         # from the newest complete one; the work since then is redone.
         print("fedrun: timeout/preemption signal: requeueing; the run resumes from its latest checkpoint",
               flush=True)
-        return DelayedSubmission(FederatedRun(self.config_json))
+        return DelayedSubmission(FederatedRun(self.config_json, self.train_fn))
 
 
 # -- submission -------------------------------------------------------------------------------------
@@ -254,16 +248,17 @@ class Submission:
     job: Any = None
 
 
-def submit(cfg: RunConfig, opts: SlurmOptions, dry_run: bool = False) -> Submission | str | None:
-    """Submit one run. Returns the Submission, the sbatch preview (dry_run), or None if already DONE."""
+def submit(cfg: RunConfig, opts: SlurmOptions, train_fn: TrainFn, dry_run: bool = False) -> Submission | str | None:
+    """Submit one run of ``train_fn(cfg)``. Returns the Submission, the sbatch preview (dry_run), or None if
+    already DONE."""
     cfg = prepare_config(cfg, opts)
     run_dir = cfg.run_dir()
     tpn = resolve_tasks_per_node(opts, cfg.federation.clients)
     executor = make_executor(run_dir / "slurm", opts, tpn, f"fedrun-{run_dir.name}")
     if dry_run:
         return sbatch_preview(executor)
-    if is_done(cfg):
+    if RunDir(run_dir).is_done(cfg.federation.rounds):
         return None
     require_sbatch()
-    job = executor.submit(FederatedRun(cfg.to_json()))
+    job = executor.submit(FederatedRun(cfg.to_json(), train_fn))
     return Submission(job.job_id, run_dir, job.paths.stdout, job.paths.stderr, job)

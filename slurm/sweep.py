@@ -26,12 +26,13 @@ from typing import Any
 
 import yaml
 
-from fedrun.config import ConfigError, RunConfig, apply_overrides, field_names
+from fedrun.config import ConfigError, RunConfig, apply_overrides, field_names, unknown_field_message
+from fedrun.rundir import RunDir
 from slurm.submit import (
     FederatedRun,
     SlurmOptions,
+    TrainFn,
     executor_parameters,
-    is_done,
     make_executor,
     prepare_config,
     require_sbatch,
@@ -115,10 +116,7 @@ def validate_grid(grid: Grid) -> None:
             raise GridError(f"sweep grid: {key!r} cannot vary (each run's directory is named by the sweep; "
                             f"use {RESERVED[key]})")
         if key not in known:
-            leaf = key.split(".")[-1]
-            close = [k for k in known if k.split(".")[-1] == leaf]
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise GridError(f"sweep grid: unknown config field {key!r}{hint}")
+            raise GridError(f"sweep grid: {unknown_field_message(key)}")
         if not isinstance(values, list) or not values:
             raise GridError(f"sweep grid: {key!r} needs a non-empty list of values")
 
@@ -213,7 +211,7 @@ def plan_sweep(base: RunConfig, grid: Grid, sweep_dir: Path, opts: SlurmOptions,
     previous = {r["run_dir"]: r.get("job_id") for r in (read_manifest(sweep_dir) or {}).get("runs", [])}
     for p in points:
         p.job_id = previous.get(str(p.run_dir))
-        if is_done(p.config):
+        if RunDir(p.run_dir).is_done(p.config.federation.rounds):
             p.status = "done"
     pending = [p for p in points if p.status == "todo" and p.job_id]
     if pending and active is not None:
@@ -281,10 +279,11 @@ class SweepResult:
         return [p for p in self.points if p.array_index is not None]
 
 
-def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, sweep_dir: Path | None = None,
+def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, train_fn: TrainFn, sweep_dir: Path | None = None,
               dry_run: bool = False,
               active: Callable[[list[str]], set[str]] | None = squeue_active) -> SweepResult:
-    """Plan the grid; unless dry_run, submit the unfinished points as one job array and write the manifest."""
+    """Plan the grid; unless dry_run, submit the unfinished points as one job array of ``train_fn(cfg)``
+    and write the manifest."""
     sweep_dir = Path(sweep_dir or default_sweep_dir(base)).expanduser().resolve()
     points = plan_sweep(base, grid, sweep_dir, opts, active=active)
     todo = [p for p in points if p.status == "todo"]
@@ -300,7 +299,7 @@ def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, sweep_dir: Path |
         require_sbatch()
         # One array: every element has the same resources (nodes x tasks_per_node ranks).
         with executor.batch():
-            jobs = [executor.submit(FederatedRun(p.config.to_json())) for p in todo]
+            jobs = [executor.submit(FederatedRun(p.config.to_json(), train_fn)) for p in todo]
         for k, (p, job) in enumerate(zip(todo, jobs, strict=True)):
             p.array_index, p.job_id, p.status = k, job.job_id, "submitted"
         result.jobs = jobs

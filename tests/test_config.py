@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from fedrun.cli import build_parser, config_from_args, config_to_argv
-from fedrun.config import PRESETS, ConfigError, RunConfig, apply_overrides, field_names, get_preset
+from fedrun.args import config_from_args, config_to_argv
+from fedrun.cli import build_parser
+from fedrun.config import ConfigError, RunConfig, apply_overrides, field_names
+from fedrun.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

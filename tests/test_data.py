@@ -9,17 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from fedrun.config import DataConfig
+from fedrun.config import DATASETS, DataConfig
 from fedrun.data import (
+    SHAPES,
     ClientData,
     DataNotFoundError,
     dataset_shape,
-    from_model_range,
     load_client_data,
     load_dataset,
     load_image_folder,
     load_labels,
-    to_model_range,
 )
 from fedrun.partition import partition
 
@@ -62,20 +61,6 @@ def test_subset_and_resize(fmnist_root: Path, fmnist: ClientData) -> None:
     assert abs(big.images.float().mean() - small.images.float().mean()) < 3
 
 
-def test_model_range_round_trip() -> None:
-    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    x = to_model_range(u)
-    assert x.dtype == torch.float32
-    assert x.min() == -1.0 and x.max() == 1.0
-    assert x.flatten()[0] == -1.0 and abs(float(x.flatten()[128]) - (128 / 127.5 - 1)) < 1e-7
-    torch.testing.assert_close(from_model_range(x), u, rtol=0, atol=0)
-    # Samples outside [-1, 1] are clamped, not wrapped around.
-    np.testing.assert_array_equal(from_model_range(torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0])).numpy(),
-                                  [0, 0, 128, 255, 255])  # fmt: skip
-    with pytest.raises(TypeError, match="uint8"):
-        to_model_range(x)
-
-
 def test_dataset_shape() -> None:
     assert dataset_shape("fashion-mnist") == (1, 28)
     assert dataset_shape("mnist") == (1, 28)
@@ -84,6 +69,10 @@ def test_dataset_shape() -> None:
     assert dataset_shape("cifar10", image_size=64) == (3, 64)
     with pytest.raises(ValueError, match="'svhn'"):
         dataset_shape("svhn")
+
+
+def test_every_dataset_the_config_accepts_has_a_shape() -> None:
+    assert set(SHAPES) == set(DATASETS)
 
 
 def test_client_data_checks_its_tensors() -> None:

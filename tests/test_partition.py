@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from fedrun.partition import KINDS, class_histograms, format_partition, partition, register, run
+from fedrun.info import register, run_partition
+from fedrun.partition import KINDS, class_histograms, format_partition, partition
 
 
 def _assert_disjoint_cover(parts: list[np.ndarray], n: int) -> None:
@@ -182,8 +183,8 @@ def test_cli_json_gives_the_paper_sizes(fmnist_root, capsys) -> None:
             "--json",
         ]
     )
-    assert args.func is run
-    assert run(args) == 0
+    assert args.func is run_partition
+    assert run_partition(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sizes"] == [529, 13, 46087, 11898, 1473]
     hist = np.array(out["class_histograms"])
@@ -206,7 +207,7 @@ def test_cli_table(fmnist_root, capsys) -> None:
             str(fmnist_root),
         ]
     )
-    assert run(args) == 0
+    assert run_partition(args) == 0
     out = capsys.readouterr().out
     assert "fashion-mnist: 3000 examples over 3 clients, partition=label-skew beta=0.5 seed=2023" in out
     total = next(line for line in out.splitlines() if line.split()[:1] == ["total"])
@@ -219,7 +220,7 @@ def test_cli_table(fmnist_root, capsys) -> None:
 
 def test_cli_missing_data_is_an_error_message(tmp_path, capsys) -> None:
     args = _parse(["partition", "--data-root", str(tmp_path)])
-    assert run(args) == 1
+    assert run_partition(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("fedrun partition: error: Fashion-MNIST not found under")
     assert "train-labels-idx1-ubyte" in err and "Traceback" not in err
@@ -230,5 +231,5 @@ def test_cli_defaults_read_data_root_from_fedrun_data(monkeypatch, fmnist_root, 
     args = _parse(["partition", "--subset", "101", "--json"])
     defaults = (args.dataset, args.clients, args.partition, args.beta, args.seed, args.data_root)
     assert defaults == ("fashion-mnist", 2, "iid", 0.5, 2023, None)
-    assert run(args) == 0
+    assert run_partition(args) == 0
     assert json.loads(capsys.readouterr().out)["sizes"] == [51, 50]

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrun.cli import main
-from fedrun.config import ConfigError, get_preset
+from fedrun.cli import main, train_entry
+from fedrun.config import ConfigError
+from fedrun.presets import get_preset
 from slurm import sweep as sw
 from slurm.submit import (
     FederatedRun,
@@ -161,7 +162,7 @@ def test_run_sweep_submits_one_array_and_writes_the_manifest(tmp_path: Path, mon
     done_dir.mkdir(parents=True)
     (done_dir / "DONE").write_text("{}")
 
-    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), sweep_dir=tmp_path / "sweep",
+    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), train_entry, sweep_dir=tmp_path / "sweep",
                        active=lambda ids: set())
     assert fake.batches == 1 and len(fake.submitted) == 3
     assert res.array_job_id == "77"
@@ -181,7 +182,7 @@ def test_run_sweep_submits_one_array_and_writes_the_manifest(tmp_path: Path, mon
     # a second sweep over the same directory: nothing finished meanwhile, but all are still queued
     fake2 = _FakeExecutor()
     monkeypatch.setattr(sw, "make_executor", lambda *a, **k: fake2)
-    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), sweep_dir=tmp_path / "sweep",
+    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), train_entry, sweep_dir=tmp_path / "sweep",
                        active=lambda ids: set(ids))
     assert res.array_job_id is None and fake2.submitted == []
     assert [p.status for p in res.points] == ["active", "done", "active", "active"]
@@ -287,11 +288,12 @@ def test_export_distributed_env_from_slurm_variables(monkeypatch):
 
 def test_federated_run_pickles_and_checkpoint_resubmits_itself():
     cfg = get_preset("tiny")
-    task = FederatedRun(cfg.to_json())
+    task = FederatedRun(cfg.to_json(), train_entry)
     again = pickle.loads(pickle.dumps(task))
-    assert again.config == cfg
+    assert again.config == cfg and again.train_fn is train_entry  # the entry travels by name
     delayed = task.checkpoint()
     assert isinstance(delayed.function, FederatedRun) and delayed.function.config == cfg
+    assert delayed.function.train_fn is train_entry
     assert delayed.args == () and delayed.kwargs == {}
 
 
