@@ -6,7 +6,7 @@ DATA ?= $(or $(FEDRUN_DATA),$(wildcard ../shared/data),$(HOME)/.cache/fedrun/dat
 TORCH_HOME ?= $(or $(wildcard ../shared/torch_home),$(HOME)/.cache/torch)
 export TORCH_HOME
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint test-assets
 
 install:
 	$(PY) -m pip install -q -e '.[dev]'
@@ -14,7 +14,16 @@ install:
 quickstart: install
 	$(PY) -m fedrun train --preset quickstart --data-root "$(DATA)" --download --out-dir runs --name quickstart
 
-test: install
-	@bash slurm/start_cluster.sh || echo "make test: Slurm could not be started here; Slurm tests will be skipped"
+# Lint steps of `make test` (one place for them).
+lint: install
 	ruff check .
+
+# What the tests need from outside the repo (Fashion-MNIST, the FID Inception weights): looked for where
+# the app looks, downloaded there by the app's own download paths if missing (offline: one line each on
+# what to put where), plus reference FID statistics computed once. tests/conftest.py decides where.
+test-assets: install
+	$(PY) tests/fetch_assets.py
+
+test: install lint test-assets
+	@bash slurm/start_cluster.sh || echo "make test: Slurm could not be started here; Slurm tests will be skipped"
 	$(PY) -m pytest -q

@@ -1,18 +1,169 @@
-"""Shared test fixtures: where the real data, FID weights and reference statistics live.
+"""Shared test fixtures, and where the tests find the real data, FID weights and reference statistics.
 
-On developers' machines and in CI they are in ../shared (next to the clone); elsewhere point
-FEDRUN_SHARED at a folder with the same layout. Tests that need them skip with a clear reason.
+The tests look where the app looks, and this file is the one place that decides it:
+
+- Fashion-MNIST (torchvision's layout, ``FashionMNIST/raw/*-ubyte``): the data root the app would read
+  (``pytest --data-root DIR``, else ``$FEDRUN_DATA``, else ``~/.cache/fedrun/data``:
+  ``fedrun.config.default_data_root``);
+- pytorch-fid's Inception weights: torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, else
+  ``~/.cache/torch/hub/checkpoints/``), where the app loads them from;
+- then, as one more candidate, the team's shared folder (``../shared`` beside the clone, or
+  ``$FEDRUN_SHARED``).
+
+``make test`` first runs ``tests/fetch_assets.py``, which downloads what is missing into the app's
+locations through the app's own download paths. A test whose asset is still missing skips, and the
+summary prints one line naming what is missing, where to put it and how many tests skipped; with
+``CI=true`` it fails instead, so CI can never pass on a silently reduced suite.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("FEDRUN_SHARED", REPO.parent / "shared"))
+MISSING = "missing test asset: "
+"""Prefix of the skip reason of a test whose asset is missing (the summary counts them by it)."""
+STATS_IMAGES = 200
+"""Test images behind the computed reference statistics: ~30 s of Inception on 2 CPU cores, once."""
+FULL_STATS = "fashion_mnist_test10k.npz"
+"""Statistics of all 10,000 test images (the team's file, or one a user made with `fedrun fid --save-stats`)."""
+
+
+def shared_dir() -> Path:
+    """The team's shared folder: ``$FEDRUN_SHARED``, else ``../shared`` beside the clone."""
+    return Path(os.environ.get("FEDRUN_SHARED") or REPO.parent / "shared")
+
+
+def user_cache() -> Path:
+    """fedrun's user cache, ``~/.cache/fedrun`` (the default data root lives in it)."""
+    return Path.home() / ".cache" / "fedrun"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One thing the tests need from outside the repository, and where it was looked for."""
+
+    what: str
+    """Its name in messages, e.g. "Fashion-MNIST"."""
+    candidates: tuple[Path, ...]
+    """Folders looked in, in order; the first is where the app looks (and where a download goes)."""
+    files: tuple[str, ...]
+    """Paths relative to a candidate that must all exist."""
+    found: Path | None
+    """The first candidate holding every file (what the fixture returns), or None."""
+
+    @property
+    def target(self) -> Path:
+        return self.candidates[0]
+
+    def where_to_put(self) -> str:
+        """E.g. "FashionMNIST/raw/{a, b} into /home/u/.cache/fedrun/data"."""
+        parent = os.path.dirname(self.files[0])
+        names = [os.path.basename(f) for f in self.files]
+        listed = names[0] if len(names) == 1 else "{" + ", ".join(names) + "}"
+        return f"{parent + '/' if parent else ''}{listed} into {self.target}"
+
+
+def _find(what: str, candidates: list[Path], files: tuple[str, ...]) -> Asset:
+    unique = tuple(dict.fromkeys(Path(c).expanduser() for c in candidates))
+    found = next((c for c in unique if all((c / f).is_file() for f in files)), None)
+    return Asset(what, unique, files, found)
+
+
+def find_fashion_mnist(data_root: str | os.PathLike[str] | None = None) -> Asset:
+    """Fashion-MNIST in the data root the app reads (``data_root`` if given, as ``--data-root``), then shared."""
+    from torchvision.datasets import FashionMNIST
+
+    from fedrun.config import default_data_root
+
+    # torchvision's own file list: what `FashionMNIST(root, download=True)` leaves under root.
+    files = tuple(f"FashionMNIST/raw/{name.removesuffix('.gz')}" for name, _md5 in FashionMNIST.resources)
+    return _find("Fashion-MNIST", [Path(data_root or default_data_root()), shared_dir() / "data"], files)
+
+
+def find_inception_weights() -> Asset:
+    """pytorch-fid's Inception weights in torch's hub cache (the app's TORCH_HOME), then shared."""
+    import torch
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    # torch.hub.get_dir() is $TORCH_HOME/hub (else ~/.cache/torch/hub): a TORCH_HOME is its parent.
+    app_home = Path(torch.hub.get_dir()).parent
+    files = (f"hub/checkpoints/{FID_WEIGHTS_URL.rsplit('/', 1)[1]}",)
+    return _find("FID Inception weights", [app_home, shared_dir() / "torch_home"], files)
+
+
+_missing: dict[str, Asset] = {}
+"""Assets a test asked for and did not get, by name (for the summary line)."""
+
+
+def require(asset: Asset) -> Path:
+    """The asset's folder; else skip the test (fail it with CI=true) with a reason saying where to put it."""
+    if asset.found is not None:
+        return asset.found
+    _missing[asset.what] = asset
+    why = (f"{MISSING}{asset.what} not found in {', '.join(map(str, asset.candidates))}: "
+           f"put {asset.where_to_put()} (`make test` downloads it with internet)")
+    if in_ci():
+        pytest.fail(f"CI=true but {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def computed_stats_path() -> Path:
+    return user_cache() / "fid_stats" / f"fashion-mnist_test_n{STATS_IMAGES}.npz"
+
+
+def find_reference_stats() -> Path | None:
+    """Reference statistics already on disk (see ``reference_stats``), or None."""
+    full = (user_cache() / "fid_stats" / FULL_STATS, shared_dir() / "fid_stats" / FULL_STATS)
+    return next((p for p in (*full, computed_stats_path()) if p.is_file()), None)
+
+
+def compute_reference_stats(data_root: Path, torch_home: Path) -> Path:
+    """Statistics of the first ``STATS_IMAGES`` test images, computed by the app and cached."""
+    out = computed_stats_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.stem}.tmp-{os.getpid()}.npz")  # renamed when complete: never half a file
+    tmp.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "fedrun", "fid", "--save-stats", "fashion-mnist:test", str(tmp),
+           "--num", str(STATS_IMAGES), "--data-root", str(data_root), "--device", "cpu"]
+    env = {**os.environ, "TORCH_HOME": str(torch_home)}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"computing reference statistics failed ({' '.join(cmd)}): {last}")
+    os.replace(tmp, out)
+    return out
+
+
+def reference_stats(data_root: Path, torch_home: Path) -> Path:
+    """Reference FID statistics of real Fashion-MNIST test images (mu, sigma in pytorch-fid's .npz).
+
+    All 10,000 test images where such a file exists (``~/.cache/fedrun/fid_stats/`` or the team's
+    ``fid_stats/``); else those of the first ``STATS_IMAGES`` test images, computed once by the app
+    (``fedrun fid --save-stats fashion-mnist:test OUT --num 200``) and cached in
+    ``~/.cache/fedrun/fid_stats/``: all 10,000 would take 30-50 min on CPU.
+    """
+    return find_reference_stats() or compute_reference_stats(data_root, torch_home)
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--data-root", default=None, metavar="DIR",
+                     help="dataset root for the data tests, as `fedrun --data-root` (default: $FEDRUN_DATA, "
+                          "else ~/.cache/fedrun/data; then ../shared/data)")
 
 
 @pytest.fixture(scope="session")
@@ -21,26 +172,52 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def fmnist_root() -> Path:
-    """Root with FashionMNIST/raw/* in torchvision's layout (the real data set)."""
-    root = SHARED / "data"
-    if not (root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists():
-        pytest.skip(f"real Fashion-MNIST not found under {root} (set FEDRUN_SHARED)")
-    return root
+def fmnist_root(request: pytest.FixtureRequest) -> Path:
+    """Data root with FashionMNIST/raw/* in torchvision's layout (the real data set)."""
+    return require(find_fashion_mnist(request.config.getoption("--data-root")))
 
 
 @pytest.fixture(scope="session")
 def torch_home() -> Path:
-    """TORCH_HOME holding pytorch-fid's Inception weights (hub/checkpoints/pt_inception-*.pth)."""
-    home = SHARED / "torch_home"
-    if not list((home / "hub" / "checkpoints").glob("pt_inception-*.pth")):
-        pytest.skip(f"FID Inception weights not found under {home} (set FEDRUN_SHARED)")
-    return home
+    """A TORCH_HOME holding pytorch-fid's Inception weights (hub/checkpoints/pt_inception-*.pth)."""
+    return require(find_inception_weights())
 
 
 @pytest.fixture(scope="session")
-def fid_stats_path() -> Path:
-    p = SHARED / "fid_stats" / "fashion_mnist_test10k.npz"
-    if not p.exists():
-        pytest.skip(f"reference FID statistics not found at {p}")
-    return p
+def fid_stats_path(fmnist_root: Path, torch_home: Path) -> Path:
+    """Reference statistics of real Fashion-MNIST test images: see ``reference_stats``.
+
+    The tests only need a real-data reference (FIDs finite, noise far from it, the same number for the
+    same samples), not the paper's 10,000-image one, so 200 images do where the full file is absent.
+    """
+    return reference_stats(fmnist_root, torch_home)
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+def missing_summary(reports: list[pytest.TestReport]) -> str | None:
+    """One line for all tests skipped for a missing asset: what, where to put it, how many; None if none."""
+    ours = [r for r in reports if isinstance(r.longrepr, tuple) and MISSING in str(r.longrepr[2])]
+    if not ours:
+        return None
+    parts = []
+    for what, asset in _missing.items():
+        n = sum(f"{MISSING}{what} " in str(r.longrepr[2]) for r in ours)
+        parts.append(f"{what} ({n} test{'s' * (n != 1)}): put {asset.where_to_put()}")
+    return (f"{len(ours)} test{'s' * (len(ours) != 1)} skipped for missing test assets: {'; '.join(parts)}; "
+            "with internet `make test` downloads them")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    reports = terminalreporter.stats.get("skipped", [])
+    line = missing_summary(reports)
+    if line is None:
+        return
+    if "s" in terminalreporter.reportchars:
+        # -ra lists skips folded by reason: give ours one reason, so they fold into this one line.
+        for r in reports:
+            if isinstance(r.longrepr, tuple) and MISSING in str(r.longrepr[2]):
+                r.longrepr = (__file__, None, line)
+    else:
+        terminalreporter.write_line(f"SKIPPED: {line}", yellow=True)
