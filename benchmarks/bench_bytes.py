@@ -1,10 +1,10 @@
 """Bytes one rank's collective carries per round, per method, relative to FULL in fp32.
 
 Computed with ``fedrun.comm.collective_bytes_per_round`` from the real parameter groups of the model, and
-cross-checked by running real syncs (``Averager.sync`` on 2 gloo ranks, one client each) and reading
+cross-checked by running real syncs (``Exchange.sync`` on 2 gloo ranks, one client each) and reading
 ``SyncStats.bytes``: a single process issues no collective, so its SyncStats.bytes is 0 by definition.
 
-With bf16 exchange the first sync of a run has no reference yet and goes in fp32 (see ``Averager``; unless
+With bf16 exchange the first sync of a run has no reference yet and goes in fp32 (see ``Exchange``; unless
 the caller gave one with ``set_reference``); the table shows that round and the steady state, plus the
 whole run of ``--rounds`` rounds. Ring all-reduce puts ~2 (W-1)/W times these bytes on each rank's wire,
 the same factor for every method, so the ratios hold for the wire too.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_parser, check, device_info, parse_args, report, spawn_ranks
-from fedrun.averaging import Averager
 from fedrun.comm import collective_bytes_per_round
+from fedrun.exchange import Exchange
 from fedrun.methods import GROUPS, METHODS, plan_round
 from unet import create_model, parameter_groups
 
@@ -52,7 +52,7 @@ def computed(arch: str, clients: int, rounds: int) -> list[dict[str, Any]]:
         for method in METHODS:
             per_round = [collective_bytes_per_round(plan_round(method, r, clients, SEED), sizes, dtype)
                          for r in range(1, rounds + 1)]
-            # The first sync of a bf16 run has no reference: fp32 (Averager's rule).
+            # The first sync of a bf16 run has no reference: fp32 (the Exchange rule).
             first = collective_bytes_per_round(plan_round(method, 1, clients, SEED), sizes, "fp32")
             run_total = first + sum(per_round[1:])
             rows.append({"arch": arch, "method": method, "exchange_dtype": dtype,
@@ -72,7 +72,7 @@ def worker(ctx, arch: str) -> dict[str, dict[str, list[int]]]:
     out: dict[str, dict[str, list[int]]] = {}
     for dtype in DTYPES:
         for method in METHODS:
-            avg = Averager(groups, [1000] * ctx.world_size, exchange_dtype=dtype)
+            avg = Exchange(groups, [1000] * ctx.world_size, exchange_dtype=dtype)
             got = [avg.sync(plan_round(method, r, ctx.world_size, SEED), {ctx.rank: mine}).bytes
                    for r in (1, 2)]
             out.setdefault(dtype, {})[method] = got

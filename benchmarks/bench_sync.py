@@ -1,8 +1,8 @@
-"""Cost of one FedAvg sync: ``fedrun.averaging.Averager.sync`` vs ONE all-reduce of a flat buffer of the same
+"""Cost of one FedAvg sync: ``fedrun.exchange.Exchange.sync`` vs ONE all-reduce of a flat buffer of the same
 byte count, for the shared groups of each method (full, usplit, ulatdec, udec).
 
 Two ranks are spawned here, one client each, joined through ``fedrun.dist`` (gloo on CPU; NCCL, one GPU per
-rank, when there are >= 2 GPUs). Two syncs are timed: "in place" (the averager adopted the model's parameters,
+rank, when there are >= 2 GPUs). Two syncs are timed: "in place" (the exchange adopted the model's parameters,
 as ``fedrun train`` does for one client per rank: scale + one all-reduce where they lie) and "packed" (the path
 of a rank hosting several clients: pack into a bucketed buffer, all-reduce, copy back). Per repeat the
 operations take turns, each after a barrier; a repeat counts the slower rank. The ``local`` column is the
@@ -31,7 +31,7 @@ from benchmarks.common import (
     spawn_ranks,
     time_interleaved,
 )
-from fedrun.averaging import DEFAULT_BUCKET_BYTES, Averager
+from fedrun.exchange import DEFAULT_BUCKET_BYTES, Exchange
 from fedrun.methods import METHODS, plan_round
 from unet import create_model, parameter_groups
 
@@ -59,7 +59,7 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
     device, world, rank = ctx.device, ctx.world_size, ctx.rank
     size, channels = SHAPES[arch]
     torch.manual_seed(0)
-    # As fedrun.train builds it: channels_last, one client per rank whose parameters the averager adopts.
+    # As fedrun.train builds it: channels_last, one client per rank whose parameters the exchange adopts.
     model = create_model(arch, image_size=size, channels=channels).to(device).to(memory_format=torch.channels_last)
     groups = parameter_groups(model)
     # The packed path (a rank hosting several clients) on its own copy of the weights.
@@ -69,18 +69,18 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
     for dtype in dtypes:
         for method in methods:
             plan = plan_round(method, 1, world, SEED)
-            in_place = Averager(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
+            in_place = Exchange(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
             assert in_place.adopt(model)
             mine = {n: p.data for n, p in model.named_parameters()}
-            packed = Averager(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
-            local = Averager(groups, [1000], group=solo[rank], exchange_dtype=dtype, bucket_bytes=bucket_bytes)
+            packed = Exchange(groups, [1000] * world, exchange_dtype=dtype, bucket_bytes=bucket_bytes)
+            local = Exchange(groups, [1000], group=solo[rank], exchange_dtype=dtype, bucket_bytes=bucket_bytes)
             local_plan = plan_round(method, 1, 1, SEED)  # one client: the same shared groups, no peer
             assert local_plan.shared_groups() == plan.shared_groups() or method == "usplit"
             # bf16 exchanges changes against a reference (steady state); without one the first sync is fp32.
             for avg, params in ((in_place, mine), (packed, copy), (local, copy)):
                 avg.set_reference(params)
             first = in_place.sync(plan, {rank: mine})
-            assert in_place._buffer is None, "the adopted model did not sync in place"
+            assert in_place.packed_layout is None, "the adopted model did not sync in place"
             nbytes = first.bytes
             assert packed.sync(plan, {rank: copy}).bytes == nbytes
             wire = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -108,7 +108,7 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
             med = {k: median(worst[k]) for k in ops}
             rows.append({"method": method, "exchange_dtype": dtype, "groups": list(plan.shared_groups()),
                          "bytes": nbytes, "flat_bytes": flat.numel() * flat.element_size(),
-                         "collectives": first.collectives, "packed_collectives": len(packed._buckets),
+                         "collectives": first.collectives, "packed_collectives": len(packed.packed_layout.buckets),
                          **{f"{k}_s": worst[k] for k in ops},
                          **{f"{k}_median_s": med[k] for k in ops},
                          "ratio": med["in_place"] / med["flat"],
@@ -117,7 +117,7 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
 
 
 def on_device(arch: str, rows: list[dict], device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    """In this process, on ``device``: the packed Averager.sync with no peer (everything but the collective)
+    """In this process, on ``device``: the packed Exchange.sync with no peer (everything but the collective)
     vs one device copy of the same bytes. On a GPU this is where per-parameter kernel launches show."""
     size, channels = SHAPES[arch]
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def on_device(arch: str, rows: list[dict], device: torch.device, warmup: int, re
     mine = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = []
     for r in rows:
-        avg = Averager(groups, [1000], exchange_dtype=r["exchange_dtype"])
+        avg = Exchange(groups, [1000], exchange_dtype=r["exchange_dtype"])
         avg.set_reference(mine)
         plan = plan_round(r["method"], 1, 1, SEED)
         src = torch.ones(r["bytes"], dtype=torch.uint8, device=device)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, help="untimed repeats first; default 3, quick 1")
     p.add_argument("--inner", type=int, help="calls per timing (back to back); default 5, quick 1")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
-                   help=f"Averager bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket")
+                   help=f"Exchange bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket")
     args = parse_args(p, argv)
 
     device = pick_device(args.device)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               1e3 * r["local_median_s"]] for r in rows]
     targets = [check(f"sync {r['method']} ({r['exchange_dtype']}), in place / one flat all-reduce of the same bytes",
                      r["ratio"], "<=", LIMIT) for r in rows]
-    title = (f"Averager.sync vs one all_reduce of a flat buffer of the same bytes: {args.arch}, "
+    title = (f"Exchange.sync vs one all_reduce of a flat buffer of the same bytes: {args.arch}, "
              f"{out['world_size']} ranks ({out['backend']}), median of {repeats} x {inner} calls, slower rank. "
              "'in place': one client per rank, parameters adopted (what fedrun train does then); 'packed': the "
              "path of ranks hosting several clients; 'local': the packed sync without a peer (pack + unpack)")
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if gpu is not None:
         local = on_device(args.arch, rows, gpu, warmup, repeats)
         payload["on_device"] = local
-        tables.append((f"Packed Averager.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
+        tables.append((f"Packed Exchange.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
                        "back) vs one device copy of the same bytes",
                        ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
                        [[r["method"], r["exchange_dtype"], r["bytes"], 1e3 * r["sync_median_s"],

@@ -1,4 +1,4 @@
-"""The process group and the Averager across real processes (gloo on 127.0.0.1, CPU).
+"""The process group and the Exchange across real processes (gloo on 127.0.0.1, CPU).
 
 Each spawn runs every scenario of one world size in one process group (spawning is the slow part); every
 rank writes what it saw to a JSON file and the test compares the ranks. Expected values are recomputed
@@ -20,8 +20,8 @@ import torch
 from multiproc import spawn_ranks
 
 from fedrun import dist as fdist
-from fedrun.averaging import Averager, weighted_average
 from fedrun.comm import collective_bytes_per_round
+from fedrun.exchange import Exchange, weighted_average
 from fedrun.methods import METHODS, plan_round
 
 SHAPES = {"enc.w": (4, 3), "enc.b": (4,), "mid.w": (3, 3), "dec.w": (2, 4), "dec.b": (2,)}
@@ -115,13 +115,13 @@ def _max_err(plan, named, pre, sizes, live, hosted) -> float:
 
 
 def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
-    """Every method, K = W..5, three rounds each (one Averager per run, so its buffer is reused)."""
+    """Every method, K = W..5, three rounds each (one Exchange per run, so its buffer is reused)."""
     cases = []
     for method in METHODS:
         for k in range(max(2, ctx.world_size), 6):
             hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
             sizes = _sizes(k)
-            avg = Averager(NAMED, sizes)
+            avg = Exchange(NAMED, sizes)
             live = {c: {n: torch.zeros(s, requires_grad=True) for n, s in SHAPES.items()} for c in hosted}
             for r in range(1, 4):
                 tag = f"{method}-{k}-{r}"
@@ -144,7 +144,7 @@ def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
                     "max_err": err, "local_ok": local_ok, "bytes": stats.bytes,
                     "collectives": stats.collectives,
                     "expected_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
-                    "buffer_id": avg._buffer.data_ptr(),
+                    "buffer_id": avg.packed_layout.buffer.data_ptr(),
                 })
     return cases
 
@@ -156,7 +156,7 @@ def _bf16_scenario(ctx: fdist.DistContext) -> list[dict]:
         k = ctx.world_size + 1
         hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
         sizes = _sizes(k)
-        avg = Averager(NAMED, sizes, exchange_dtype="bf16")
+        avg = Exchange(NAMED, sizes, exchange_dtype="bf16")
         live = {c: {n: torch.zeros(s) for n, s in SHAPES.items()} for c in hosted}
         glob = None
         for r in range(1, 4):
@@ -193,7 +193,7 @@ def _buckets_scenario(ctx: fdist.DistContext) -> list[dict]:
             for k in (ctx.world_size, ctx.world_size + 1, 5):
                 hosted = fdist.hosted_clients(ctx.rank, ctx.world_size, k)
                 sizes = _sizes(k)
-                avgs = [Averager(NAMED, sizes, exchange_dtype=dtype, bucket_bytes=b) for b in BUCKET_BYTES]
+                avgs = [Exchange(NAMED, sizes, exchange_dtype=dtype, bucket_bytes=b) for b in BUCKET_BYTES]
                 lives = [{c: {n: torch.zeros(s) for n, s in SHAPES.items()} for c in hosted} for _ in avgs]
                 glob = None
                 for r in range(1, 4):
@@ -211,7 +211,8 @@ def _buckets_scenario(ctx: fdist.DistContext) -> list[dict]:
                         stats = avg.sync(plan, live)
                         runs.append({
                             "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
-                            "bytes": stats.bytes, "collectives": stats.collectives, "buckets": len(avg._buckets),
+                            "bytes": stats.bytes, "collectives": stats.collectives,
+                            "buckets": len(avg.packed_layout.buckets),
                         })
                     glob = True
                     cases.append({"case": tag, "k": k, "runs": runs})
@@ -242,11 +243,11 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
     for dtype, given_ref in (("fp32", False), ("bf16", False), ("bf16", True)):
         for method in METHODS:
             net = _Net()
-            adopted = Averager(NET_GROUPS, sizes, exchange_dtype=dtype)
+            adopted = Exchange(NET_GROUPS, sizes, exchange_dtype=dtype)
             assert adopted.adopt(net)
             mine = {n: p.data for n, p in net.named_parameters()}  # what a rank's single client holds
             ptrs = {n: t.data_ptr() for n, t in mine.items()}
-            packed = Averager(NET_GROUPS, sizes, exchange_dtype=dtype, bucket_bytes=16)
+            packed = Exchange(NET_GROUPS, sizes, exchange_dtype=dtype, bucket_bytes=16)
             copy = {n: t.clone() for n, t in mine.items()}
             if given_ref:  # as fedrun.train does: the identical initial model is the first reference
                 torch.manual_seed(5)
@@ -275,7 +276,7 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                     "ptrs_kept": {n: t.data_ptr() for n, t in mine.items()} == ptrs,
                     "channels_last": net.enc.weight.is_contiguous(memory_format=torch.channels_last),
                     "stats": [a.bytes, a.collectives, b.bytes, b.collectives],
-                    "buffer_made": adopted._buffer is not None,
+                    "buffer_made": adopted.packed_layout is not None,
                 })
     # Mixed: K = W + 1, so rank 0 hosts two clients (packed path) and the others one adopted client each
     # (in place); several buckets. Every rank must issue the same collectives and end with the same average.
@@ -284,7 +285,7 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
             k_mixed = k + 1
             hosted = fdist.hosted_clients(rank, k, k_mixed)
             sizes_mixed = _sizes(k_mixed)
-            avg = Averager(NET_GROUPS, sizes_mixed, exchange_dtype=dtype, bucket_bytes=24)
+            avg = Exchange(NET_GROUPS, sizes_mixed, exchange_dtype=dtype, bucket_bytes=24)
             nets = {c: _Net() for c in hosted}
             if len(hosted) == 1:
                 assert avg.adopt(nets[hosted[0]])
@@ -308,11 +309,11 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                 # they are the same on every rank)
                 glob = {n: t.clone() for n, t in live[hosted[0]].items()}
             cases.append({"case": f"mixed-{dtype}-{method}", "errs": errs, "collectives": ncoll,
-                          "in_place": avg._buffer is None, "hosted": hosted,
+                          "in_place": avg.packed_layout is None, "hosted": hosted,
                           "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted}})
     # Ranks that disagree about the weights: every rank raises, after the collective, and says so.
     net = _Net()
-    bad = Averager(NET_GROUPS, sizes if rank == 0 else sizes[::-1])
+    bad = Exchange(NET_GROUPS, sizes if rank == 0 else sizes[::-1])
     bad.adopt(net)
     try:
         bad.sync(plan_round("full", 1, k, SEED), {rank: {n: p.data for n, p in net.named_parameters()}})

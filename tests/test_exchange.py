@@ -1,4 +1,5 @@
-"""Averaging maths (hand-computed) and the Averager in a single process (multi-rank: test_dist_multiproc)."""
+"""Averaging maths (hand-computed) and the Exchange in a single process (multi-rank: test_dist_multiproc;
+the stages one by one: test_exchange_*.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedrun.averaging import Averager, SyncStats, weighted_average
+from fedrun.exchange import Exchange, SyncStats
+from fedrun.exchange.layout import cut_buckets
+from fedrun.exchange.weights import weighted_average
 from fedrun.methods import RoundPlan, plan_round
 
 E, M, U = "encoder", "bottleneck", "decoder"
@@ -62,7 +65,7 @@ def test_weighted_average_rejects_integer_tensors():
         weighted_average([{"n": torch.tensor([1])}], [1])
 
 
-# -- Averager, one process hosting every client ----------------------------------------------------
+# -- Exchange, one process hosting every client ----------------------------------------------------
 
 
 class Tiny(nn.Module):
@@ -98,7 +101,7 @@ def value(model: Tiny, name: str) -> torch.Tensor:
 def test_full_average_by_hand_written_in_place():
     models = clients([1.0, 2.0, 4.0])
     ptrs = [p.data_ptr() for m in models for p in m.parameters()]
-    avg = Averager(GROUP_NAMES, client_sizes=[1, 1, 2])
+    avg = Exchange(GROUP_NAMES, client_sizes=[1, 1, 2])
     stats = avg.sync(plan_round("full", 1, 3, 0), params(models))
     # w = (.25, .25, .5): .25*1 + .25*2 + .5*4 = 2.75
     for m in models:
@@ -111,7 +114,7 @@ def test_full_average_by_hand_written_in_place():
 
 def test_udec_averages_decoder_and_leaves_local_groups_untouched():
     models = clients([1.0, 2.0, 4.0])
-    avg = Averager(GROUP_NAMES, client_sizes=[1, 1, 2])
+    avg = Exchange(GROUP_NAMES, client_sizes=[1, 1, 2])
     avg.sync(plan_round("udec", 1, 3, 0), params(models))
     for k, m in enumerate(models):
         own = [1.0, 2.0, 4.0][k]
@@ -124,7 +127,7 @@ def test_udec_averages_decoder_and_leaves_local_groups_untouched():
 def test_usplit_each_part_over_its_assignees_everyone_gets_all():
     models = clients([1.0, 2.0, 4.0])
     plan = RoundPlan(1, (frozenset({E, M}), frozenset({U}), frozenset({M, U})), True, "usplit")
-    Averager(GROUP_NAMES, client_sizes=[1, 1, 2]).sync(plan, params(models))
+    Exchange(GROUP_NAMES, client_sizes=[1, 1, 2]).sync(plan, params(models))
     expect = {
         "enc.weight": 1.0,  # client 0 alone
         "enc.bias": 1.0,
@@ -147,7 +150,7 @@ def test_matches_weighted_average_on_random_states():
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
     sizes = [529, 14, 46087, 11898]
     plan = plan_round("ulatdec", 3, 4, 0)
-    Averager(GROUP_NAMES, sizes).sync(plan, params(models))
+    Exchange(GROUP_NAMES, sizes).sync(plan, params(models))
     ref = weighted_average(before, sizes)
     for m, b in zip(models, before, strict=True):
         for n in ("mid.weight", "dec.weight", "dec.bias"):
@@ -158,23 +161,23 @@ def test_matches_weighted_average_on_random_states():
 
 def test_flat_buffer_reused_while_layout_unchanged():
     models = clients([1.0, 2.0])
-    avg = Averager(GROUP_NAMES, [1, 1])
+    avg = Exchange(GROUP_NAMES, [1, 1])
     avg.sync(plan_round("usplit", 1, 2, 5), params(models))
-    buf = avg._buffer
+    buf = avg.packed_layout.buffer
     assert buf is not None and buf.numel() == 15 + 3  # 15 parameters + one denominator slot per group
     avg.sync(plan_round("usplit", 2, 2, 5), params(models))
     avg.sync(plan_round("full", 3, 2, 5), params(models))
-    assert avg._buffer is buf
+    assert avg.packed_layout.buffer is buf
     avg.sync(plan_round("udec", 4, 2, 5), params(models))  # a different layout: decoder only
-    assert avg._buffer is not buf and avg._buffer.numel() == 3 + 1
+    assert avg.packed_layout.buffer is not buf and avg.packed_layout.buffer.numel() == 3 + 1
 
 
 def test_float64_parameters_average_in_float64():
     models = [Tiny().double() for _ in range(2)]
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
-    avg = Averager(GROUP_NAMES, [1, 2])
+    avg = Exchange(GROUP_NAMES, [1, 2])
     avg.sync(plan_round("full", 1, 2, 0), params(models))
-    assert avg._buffer.dtype == torch.float64
+    assert avg.packed_layout.buffer.dtype == torch.float64
     ref = weighted_average(before, [1, 2])
     assert torch.allclose(value(models[0], "enc.weight"), ref["enc.weight"], atol=1e-14, rtol=0)
 
@@ -183,9 +186,9 @@ def test_bf16_exchanges_changes_not_values():
     # Parameters near 10: bf16 spacing there is 2^-4 = 0.0625, so sending values in bf16 would err by up to
     # 0.03; sending the round's changes (~1e-3) errs by ~1e-3 * 2^-9.
     models = clients([10.0, 10.0])
-    avg = Averager(GROUP_NAMES, client_sizes=[1, 3], exchange_dtype="bf16")
+    avg = Exchange(GROUP_NAMES, client_sizes=[1, 3], exchange_dtype="bf16")
     avg.sync(plan_round("full", 1, 2, 0), params(models))  # no reference yet: fp32, exact
-    assert avg._send is None
+    assert avg.packed_layout.wire is avg.packed_layout.buffer
     for m in models:
         assert value(m, "enc.weight")[0, 0].item() == 10.0
     torch.manual_seed(1)
@@ -196,7 +199,7 @@ def test_bf16_exchanges_changes_not_values():
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
     ref = weighted_average(before, [1, 3])
     avg.sync(plan_round("full", 2, 2, 0), params(models))
-    assert avg._send is not None and avg._send.dtype == torch.bfloat16
+    assert avg.packed_layout.wire is not avg.packed_layout.buffer and avg.packed_layout.wire.dtype == torch.bfloat16
     naive = 0.0
     for n in OFFSET:
         err = (value(models[0], n) - ref[n]).abs().max().item()
@@ -208,31 +211,31 @@ def test_bf16_exchanges_changes_not_values():
 
 def test_bf16_set_reference_makes_first_sync_bf16():
     models = clients([0.5, 0.5])
-    avg = Averager(GROUP_NAMES, [1, 1], exchange_dtype="bf16")
+    avg = Exchange(GROUP_NAMES, [1, 1], exchange_dtype="bf16")
     avg.set_reference({n: p for n, p in models[0].named_parameters()})
     with torch.no_grad():
         value(models[0], "dec.bias").add_(0.002)
         value(models[1], "dec.bias").add_(0.004)
     avg.sync(plan_round("udec", 1, 2, 0), params(models))
-    assert avg._send is not None and avg._send.dtype == torch.bfloat16
+    assert avg.packed_layout.wire is not avg.packed_layout.buffer and avg.packed_layout.wire.dtype == torch.bfloat16
     got = value(models[0], "dec.bias").item()
     assert abs(got - (40.5 + 0.003)) < 1e-5
     avg.reset_reference()
     avg.sync(plan_round("udec", 2, 2, 0), params(models))
-    assert avg._send is None
+    assert avg.packed_layout.wire is avg.packed_layout.buffer
 
 
 def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="both"):
-        Averager({E: ["a"], U: ["a"]}, [1])
+        Exchange({E: ["a"], U: ["a"]}, [1])
     with pytest.raises(ValueError, match="unknown group"):
-        Averager({"head": ["a"]}, [1])
+        Exchange({"head": ["a"]}, [1])
     with pytest.raises(ValueError, match="exchange_dtype"):
-        Averager(GROUP_NAMES, [1], exchange_dtype="fp8")
+        Exchange(GROUP_NAMES, [1], exchange_dtype="fp8")
     with pytest.raises(ValueError, match="client_sizes"):
-        Averager(GROUP_NAMES, [0, 0])
+        Exchange(GROUP_NAMES, [0, 0])
     models = clients([1.0, 2.0])
-    avg = Averager(GROUP_NAMES, [1, 1])
+    avg = Exchange(GROUP_NAMES, [1, 1])
     with pytest.raises(ValueError, match="clients"):
         avg.sync(plan_round("full", 1, 3, 0), params(models))
     with pytest.raises(ValueError, match="out of range"):
@@ -246,7 +249,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="client 1: dec.bias has shape"):
         avg.sync(plan_round("udec", 1, 2, 0), p)
     assert value(models[0], "dec.bias").item() == 1.0 + OFFSET["dec.bias"]
-    zero = Averager(GROUP_NAMES, [0, 1])
+    zero = Exchange(GROUP_NAMES, [0, 1])
     with pytest.raises(ValueError, match="0 examples"):
         zero.sync(RoundPlan(1, (frozenset({U}), frozenset()), False), params(models))
 
@@ -254,7 +257,7 @@ def test_rejects_bad_inputs():
 def test_missing_contributor_detected_by_the_denominator_check():
     # One process must host every client; a missing one shows as a wrong summed weight, not a silent error.
     models = clients([1.0, 2.0])
-    avg = Averager(GROUP_NAMES, [1, 1])
+    avg = Exchange(GROUP_NAMES, [1, 1])
     with pytest.raises(RuntimeError, match="disagree"):
         avg.sync(plan_round("full", 1, 2, 0), {0: params(models)[0]})
 
@@ -264,22 +267,22 @@ def test_missing_contributor_detected_by_the_denominator_check():
 
 def test_buckets_cut_at_parameter_boundaries_weight_slots_last():
     models = clients([1.0, 2.0])
-    avg = Averager(GROUP_NAMES, [1, 1], bucket_bytes=16)  # 4 fp32 elements: a bucket closes past 16 bytes
+    avg = Exchange(GROUP_NAMES, [1, 1], bucket_bytes=16)  # 4 fp32 elements: a bucket closes past 16 bytes
     avg.sync(plan_round("full", 1, 2, 0), params(models))
     # [enc.weight (6)], [enc.bias (2) + mid.weight (4)], [dec.weight (2) + dec.bias (1) + 3 weight slots]
-    assert [(b.lo, b.hi) for b in avg._buckets] == [(0, 6), (6, 12), (12, 18)]
-    assert [[p.names for p in b.parts] for b in avg._buckets] == [
+    assert [(b.lo, b.hi) for b in avg.packed_layout.buckets] == [(0, 6), (6, 12), (12, 18)]
+    assert [[p.names for p in b.parts] for b in avg.packed_layout.buckets] == [
         [("enc.weight",)], [("enc.bias",), ("mid.weight",)], [("dec.weight", "dec.bias")]]
-    assert avg._ranges == {E: (0, 8), M: (8, 12), U: (12, 15)}
+    assert avg.packed_layout.ranges == {E: (0, 8), M: (8, 12), U: (12, 15)}
     # The slots, the last group's first, hold the summed normalised weights: 1 each.
-    assert avg._buffer[15:].tolist() == [1.0, 1.0, 1.0]
+    assert avg.packed_layout.buffer[15:].tolist() == [1.0, 1.0, 1.0]
     # A bucket closing exactly at the last parameter takes the slots along (no bucket of slots alone).
-    assert avg._cuts([6, 2], 3, 4) == [(0, 6), (6, 11)]
-    assert avg._cuts([1, 1], 2, 4) == [(0, 4)]
-    assert Averager(GROUP_NAMES, [1, 1], bucket_bytes=None).bucket_bytes is None
+    assert cut_buckets([6, 2], 3, avg.bucket_bytes // 4) == [(0, 6), (6, 11)]
+    assert cut_buckets([1, 1], 2, avg.bucket_bytes // 4) == [(0, 4)]
+    assert Exchange(GROUP_NAMES, [1, 1], bucket_bytes=None).bucket_bytes is None
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="bucket_bytes"):
-            Averager(GROUP_NAMES, [1, 1], bucket_bytes=bad)
+            Exchange(GROUP_NAMES, [1, 1], bucket_bytes=bad)
 
 
 @pytest.mark.parametrize("exchange", ["fp32", "bf16"])
@@ -290,7 +293,7 @@ def test_buckets_bit_identical_to_one_bucket_single_process(method, exchange):
     results = []
     for bucket_bytes in (None, 4, 24):
         models = [Tiny() for _ in range(3)]
-        avg = Averager(GROUP_NAMES, [5, 1, 9], exchange_dtype=exchange, bucket_bytes=bucket_bytes)
+        avg = Exchange(GROUP_NAMES, [5, 1, 9], exchange_dtype=exchange, bucket_bytes=bucket_bytes)
         g = torch.Generator().manual_seed(7)
         for r in range(1, 4):  # bf16: round 1 exchanges values, rounds 2-3 changes
             with torch.no_grad():
@@ -309,7 +312,7 @@ def test_buckets_bit_identical_to_one_bucket_single_process(method, exchange):
 @pytest.mark.parametrize("exchange", ["fp32", "bf16"])
 def test_denominator_check_before_any_parameter_is_written(exchange):
     models = clients([1.0, 2.0])
-    avg = Averager(GROUP_NAMES, [1, 1], exchange_dtype=exchange, bucket_bytes=4)
+    avg = Exchange(GROUP_NAMES, [1, 1], exchange_dtype=exchange, bucket_bytes=4)
     before = [{n: value(m, n).clone() for n in OFFSET} for m in models]
     for attempt in range(2):  # bf16: without a reference (values), then with one (changes)
         with pytest.raises(RuntimeError, match="disagree"):
@@ -318,12 +321,12 @@ def test_denominator_check_before_any_parameter_is_written(exchange):
             for n in OFFSET:
                 assert torch.equal(value(m, n), b[n])
         if attempt == 0:
-            assert not avg._reference  # no reference made from the failed sync
+            assert not avg.reference  # no reference made from the failed sync
             avg.set_reference(dict(models[0].named_parameters()))
         else:  # the reference given is kept
-            assert exchange == "fp32" or all(torch.equal(avg._reference[n], before[0][n]) for n in OFFSET)
+            assert exchange == "fp32" or all(torch.equal(avg.reference[n], before[0][n]) for n in OFFSET)
     avg.sync(plan_round("full", 2, 2, 0), params(models))  # a good sync afterwards
-    assert (avg._send is not None) == (exchange == "bf16")
+    assert (avg.packed_layout.wire is not avg.packed_layout.buffer) == (exchange == "bf16")
     assert value(models[1], "dec.bias").item() == pytest.approx(1.5 + OFFSET["dec.bias"], abs=1e-2)
 
 
@@ -348,9 +351,9 @@ def test_adopt_moves_parameters_into_one_flat_tensor_in_group_order():
     torch.manual_seed(0)
     net = Reordered()
     before = {n: (p, p.detach().clone(), p.stride()) for n, p in net.named_parameters()}
-    avg = Averager(REORDERED, [1])
+    avg = Exchange(REORDERED, [1])
     assert avg.adopt(net)
-    flat = avg._flat
+    flat = avg.adopted.flat
     order = [n for g in (E, M, U) for n in REORDERED[g]]
     pos = 0
     for n in order:
@@ -377,10 +380,10 @@ def test_adopt_refuses_mixed_dtypes_and_missing_names():
     net = Reordered()
     net.mid.double()
     ptr = net.enc.weight.data_ptr()
-    assert not Averager(REORDERED, [1]).adopt(net)
+    assert not Exchange(REORDERED, [1]).adopt(net)
     assert net.enc.weight.data_ptr() == ptr  # nothing moved
     with pytest.raises(KeyError, match="dec.weight"):
-        Averager({**REORDERED, U: ["dec.weight"]}, [1]).adopt(nn.Linear(1, 1))
+        Exchange({**REORDERED, U: ["dec.weight"]}, [1]).adopt(nn.Linear(1, 1))
 
 
 @pytest.mark.parametrize("exchange", ["fp32", "bf16"])
@@ -388,36 +391,36 @@ def test_adopted_single_client_sync_in_place(exchange):
     torch.manual_seed(1)
     net = Reordered()
     values = {n: p.detach().clone() for n, p in net.named_parameters()}
-    avg = Averager(REORDERED, [4], exchange_dtype=exchange)
+    avg = Exchange(REORDERED, [4], exchange_dtype=exchange)
     avg.adopt(net)
     mine = {n: p.data for n, p in net.named_parameters()}
     for r in (1, 2):  # bf16: values first, then changes against the reference
         stats = avg.sync(plan_round("full", r, 1, 0), {0: mine})
         assert stats.collectives == 0 and stats.bytes == 0
-        assert avg._buffer is None  # in place: no packing buffer
+        assert avg.packed_layout is None  # in place: no packing buffer
         for n, p in net.named_parameters():
             assert torch.equal(p, values[n]), n  # the average of one client is itself
     if exchange == "bf16":
-        assert all(torch.equal(avg._reference[n], values[n]) for n in values)
+        assert all(torch.equal(avg.reference[n], values[n]) for n in values)
 
 
 def test_adopted_sync_checks_weights_before_writing_and_falls_back_when_not_contiguous():
     net = Reordered()
     values = {n: p.detach().clone() for n, p in net.named_parameters()}
-    avg = Averager(REORDERED, [1, 1])
+    avg = Exchange(REORDERED, [1, 1])
     avg.adopt(net)
     mine = {n: p.data for n, p in net.named_parameters()}
     with pytest.raises(RuntimeError, match="disagree"):  # client 1 is nowhere: the weights sum to 1/2
         avg.sync(plan_round("full", 1, 2, 0), {0: mine})
     assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())  # nothing written
     # The encoder alone is not a suffix of the flat layout: the packed path does it, with the same result.
-    solo = Averager(REORDERED, [1])
+    solo = Exchange(REORDERED, [1])
     solo.adopt(net)
     mine = {n: p.data for n, p in net.named_parameters()}
     solo.sync(RoundPlan(1, (frozenset({E}),), False), {0: mine})
-    assert solo._buffer is not None and solo._buffer.numel() == 1 + 3 * 2 * 2 * 2 + 3
+    assert solo.packed_layout is not None and solo.packed_layout.buffer.numel() == 1 + 3 * 2 * 2 * 2 + 3
     assert all(torch.equal(p, values[n]) for n, p in net.named_parameters())
     # Parameters replaced after adopt are not the flat tensor's views any more: packed path, still right.
     other = {n: t.clone() for n, t in mine.items()}
     solo.sync(plan_round("full", 2, 1, 0), {0: other})
-    assert solo._buffer.numel() == 3 + sum(t.numel() for t in other.values())
+    assert solo.packed_layout.buffer.numel() == 3 + sum(t.numel() for t in other.values())

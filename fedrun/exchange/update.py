@@ -1,0 +1,83 @@
+"""Stage 2, each client's update: what a contributor puts on the wire, already weighted by its p_k,g.
+
+    values:   u_k = theta_k          (fp32 exchange; and bf16 exchange while there is no reference)
+    changes:  u_k = theta_k - ref    (bf16 exchange once every shared group has a reference)
+
+``accumulate`` writes sum_{k hosted} p_k,g u_k into a part of the layout's buffer, in the buffer's dtype,
+and rounds it once into the wire: summed over the ranks that is the average update sum_{k in C_g} p_k,g u_k.
+
+Why changes in bf16: bf16 keeps 8 significant bits, so sending the weights themselves would perturb every
+shared parameter by up to 2^-8 of its magnitude each round (half a unit in the last place). The change
+theta_k - ref is made in the buffer's dtype (at least fp32) first, so small changes survive the cast, and
+the error becomes at most 2^-8 of what a client's training changed in one round. E.g. ref = 10 and
+theta = 10 + 2^-10: the value rounds to 10 in bf16 (spacing 2^-4 there), the change 2^-10 is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedrun.exchange.layout import Layout, Part
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a client sends: its values, or its change against the reference, and in which dtype."""
+
+    changes: bool
+    """u_k = theta_k - ref (else theta_k)."""
+    wire_dtype: torch.dtype | None
+    """dtype on the wire; None = the buffer's (at least fp32)."""
+
+
+VALUES = Update(changes=False, wire_dtype=None)
+BF16_CHANGES = Update(changes=True, wire_dtype=torch.bfloat16)
+
+
+def choose_update(exchange_dtype: str, has_reference: bool) -> Update:
+    """bf16 exchange sends changes once every shared group has a reference; everything else values, in
+    the buffer's dtype (so the first bf16 sync, without a reference, is exact)."""
+    return BF16_CHANGES if exchange_dtype == "bf16" and has_reference else VALUES
+
+
+def slot_tolerance(wire_dtype: torch.dtype) -> float:
+    """How far from 1 the summed weight slots may be on this wire (bf16 keeps 8 significant bits)."""
+    return 1e-2 if wire_dtype == torch.bfloat16 else 1e-5
+
+
+def accumulate(layout: Layout, part: Part, contributors: Sequence[tuple[int, float]],
+               sources: Mapping[int, Sequence[Tensor]], ref: Tensor | None) -> None:
+    """part.seg = sum_k p_k (theta_k - ref) over ``contributors`` (client, p_k), theta_k = the part's
+    parameters of ``sources[k]`` (layout order); ``ref`` None: u_k = theta_k. Then part.wire = part.seg
+    rounded once to the wire's dtype. No contributor: the wire gets zeros.
+
+    Rounding, identical on every path and for every bucketing: the first contributor's update is made
+    in the buffer (copy, subtract, scale: each exact per element), later ones parameter by parameter
+    (one add with alpha each). An aliased layout's client *is* the buffer, so its copy is skipped.
+    """
+    if not contributors:
+        part.wire.zero_()
+        return
+    seg, views = part.seg, part.views
+    for j, (k, p) in enumerate(contributors):
+        src = sources[k][part.first : part.stop]
+        if j == 0:
+            if not layout.aliased:
+                torch._foreach_copy_(views, src)
+            if ref is not None:
+                seg.sub_(ref)
+            if p != 1:  # x * 1 is x, bit for bit
+                seg.mul_(p)
+        elif ref is None:
+            torch._foreach_add_(views, src, alpha=p)
+        else:  # (theta_k - ref) first, in the buffer's dtype: small changes survive the cast
+            scratch, scratch_views = layout.scratch(part)
+            torch._foreach_copy_(scratch_views, src)
+            scratch.sub_(ref)
+            torch._foreach_add_(views, scratch_views, alpha=p)
+    if part.wire is not seg:
+        part.wire.copy_(seg)  # one rounding to bf16, even on one rank (same-dtype ops before: mixed ones are slow)
