@@ -35,7 +35,7 @@ from fedrun.exchange.reference import GroupReference, Reference
 from fedrun.exchange.server import fedavg, write_back
 from fedrun.exchange.transport import Transport, wait_all
 from fedrun.exchange.update import Update, accumulate, choose_update, slot_tolerance
-from fedrun.exchange.weights import RankShare, check_weight_sums, data_shares, rank_share
+from fedrun.exchange.weights import RankShare, WeightSumError, check_weight_sums, data_shares, rank_share
 from fedrun.methods import GROUPS, RoundPlan
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -181,7 +181,7 @@ class Exchange:
         except BaseException as e:
             if written:  # references may be half updated: the next sync exchanges values again
                 self.reset_reference()
-            if layout.aliased and "no longer valid" not in str(e):
+            if layout.aliased and not isinstance(e, WeightSumError):  # that one says so itself
                 e.add_note("this rank's shared parameters were scaled in place and are no longer valid: "
                            "resume from the last checkpoint")
             raise

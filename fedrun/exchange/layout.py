@@ -160,34 +160,36 @@ class Layout:
         self.buffer = buffer
         self.wire = buffer if wire_dtype in (None, buffer.dtype) else torch.empty_like(buffer, dtype=wire_dtype)
         self.numel = numel
-        base, pos = buffer.storage_offset(), 0
-        views = []
-        for shape, stride in self.signature:
-            views.append(buffer.as_strided(shape, stride, base + pos))
-            pos += shape.numel()
-        self.views = tuple(views)
-        group_of, self.ranges, self._group_first = [], {}, []  # ranges: group -> [lo, hi) in the buffer
-        pos = 0
+        offsets = [0]  # offsets[i]: where parameter i starts in the buffer
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        base = buffer.storage_offset()
+        self.views = tuple(buffer.as_strided(shape, stride, base + pos)
+                           for (shape, stride), pos in zip(self.signature, offsets, strict=False))
+        group_of: list[int] = []  # the group index of every parameter
+        self._group_first: list[int] = []  # index of every group's first parameter
         for gi, g in enumerate(groups):
             self._group_first.append(len(group_of))
-            count = len(named_groups[g])
-            self.ranges[g] = (pos, pos + sum(sizes[len(group_of) : len(group_of) + count]))
-            group_of.extend([gi] * count)
-            pos = self.ranges[g][1]
+            group_of.extend([gi] * len(named_groups[g]))
+        self._group_first.append(len(group_of))
+        self.ranges = {g: (offsets[self._group_first[gi]], offsets[self._group_first[gi + 1]])
+                       for gi, g in enumerate(groups)}
+        """Group -> its run [lo, hi) in the buffer."""
         limit = None if bucket_bytes is None else bucket_bytes // self.wire.element_size()
         cuts = cut_buckets(sizes, ns, limit)
         self.buckets = tuple(
-            Bucket(lo, hi, self.wire[lo:hi], tuple(self._part(group_of[i], i, j, sizes) for i, j in runs))
+            Bucket(lo, hi, self.wire[lo:hi], tuple(self._part(group_of[i], i, j, offsets) for i, j in runs))
             for (lo, hi), runs in zip(cuts, group_runs(cuts, sizes, group_of), strict=True))
         self._scratch: Tensor | None = None
         self._scratch_parts: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
 
-    def _part(self, group: int, i: int, j: int, sizes: Sequence[int]) -> Part:
-        lo = self.ranges[self.groups[group]][0] + sum(sizes[self._group_first[group] : i])
-        hi = lo + sum(sizes[i:j])
+    def _part(self, group: int, i: int, j: int, offsets: Sequence[int]) -> Part:
+        """The parameters [i, j) of one group, inside one bucket."""
+        lo, hi, first = offsets[i], offsets[j], self._group_first[group]
         seg = self.buffer[lo:hi]
-        return Part(group, i, j, i - self._group_first[group], lo, hi, lo - self.ranges[self.groups[group]][0],
-                    self.names[i:j], seg, seg if self.wire is self.buffer else self.wire[lo:hi], self.views[i:j])
+        wire = seg if self.wire is self.buffer else self.wire[lo:hi]
+        return Part(group, i, j, i - first, lo, hi, lo - offsets[first], self.names[i:j], seg, wire,
+                    self.views[i:j])
 
     @property
     def wire_slots(self) -> Tensor:
@@ -196,9 +198,7 @@ class Layout:
 
     def group_signature(self, group: int) -> Signature:
         """How the run of ``groups[group]`` is laid out (its reference must be laid out alike)."""
-        start = self._group_first[group]
-        stop = self._group_first[group + 1] if group + 1 < len(self.groups) else len(self.names)
-        return self.signature[start:stop]
+        return self.signature[self._group_first[group] : self._group_first[group + 1]]
 
     def scratch(self, part: Part) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Room for one more client's update of ``part``, laid out like it: the segment and its views

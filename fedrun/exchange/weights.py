@@ -108,9 +108,13 @@ def rank_share(plan: RoundPlan, shares: Sequence[float], hosted: Collection[int]
     return RankShare(tuple(weights), mine, tuple(math.fsum(p for _, p in c) for c in mine))
 
 
+class WeightSumError(RuntimeError):
+    """The weight slots of a group did not sum to 1 over the ranks."""
+
+
 def check_weight_sums(round: int, groups: Sequence[str], sums: Sequence[float], tol: float,
                       written: bool) -> None:
-    """RuntimeError unless every group's weight slots, summed over the ranks, are 1 to ``tol``.
+    """WeightSumError unless every group's weight slots, summed over the ranks, are 1 to ``tol``.
     ``written``: this rank's shared parameters were already scaled in place (the error then says that they
     are no longer valid)."""
     for g, got in zip(groups, sums, strict=True):
@@ -120,4 +124,4 @@ def check_weight_sums(round: int, groups: Sequence[str], sums: Sequence[float], 
             if written:
                 msg += ("; this rank's shared parameters were averaged in place and are no longer valid: "
                         "resume from the last checkpoint")
-            raise RuntimeError(msg)
+            raise WeightSumError(msg)
