@@ -22,13 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.fid import EvalError
+from evaluation.errors import EvalError
 from fedrun.config import PARTITIONS, ConfigError, RunConfig
+from fedrun.methods import METHOD_NAMES
 
-METHOD_ORDER = ("centralised", "full", "usplit", "ulatdec", "udec")
-METHOD_NAMES = {"centralised": "centralised", "full": "FULL", "usplit": "USplit", "ulatdec": "ULatDec",
-                "udec": "UDec"}
-PARTITION_NAMES = {"iid": "IID", "label-skew": "l-skew", "quantity-skew": "q-skew"}
+CENTRALISED = "centralised"
+"""The row of K = 1 runs (whatever their method: one client shares with nobody)."""
+METHOD_ORDER = (CENTRALISED, *METHOD_NAMES)
+"""Table 1's rows, in the paper's order."""
+METHOD_LABELS = {CENTRALISED: "centralised", "full": "FULL", "usplit": "USplit", "ulatdec": "ULatDec",
+                 "udec": "UDec"}
+"""The paper's spelling of each row (the report's own display names)."""
+PARTITION_LABELS = {"iid": "IID", "label-skew": "l-skew", "quantity-skew": "q-skew"}
+"""The paper's column headers, keyed by ``fedrun.config.PARTITIONS``."""
 
 
 @dataclass
@@ -37,7 +43,7 @@ class RunRecord:
 
     path: Path
     method: str
-    """'centralised' for K = 1, else the config's federation.method."""
+    """``CENTRALISED`` for K = 1, else the config's federation.method."""
     clients: int
     partition: str
     seed: int
@@ -97,9 +103,14 @@ def find_runs(sweep_dir: str | os.PathLike[str]) -> list[RunRecord]:
         fid = json.loads((d / "fid.json").read_text()) if (d / "fid.json").is_file() else None
         comm = _read_jsonl(d / "comm.jsonl") if (d / "comm.jsonl").is_file() else []
         k = cfg.federation.clients
-        runs.append(RunRecord(path=d, method="centralised" if k == 1 else cfg.federation.method, clients=k,
+        runs.append(RunRecord(path=d, method=CENTRALISED if k == 1 else cfg.federation.method, clients=k,
                               partition=cfg.data.partition, seed=cfg.federation.seed, fid=fid, comm=comm))
     return runs
+
+
+def _method_rank(method: str) -> int:
+    """Position of ``method`` in the paper's order; unknown methods last."""
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -119,12 +130,8 @@ def table1(runs: Iterable[RunRecord], weights: str | None = None) -> list[dict[s
     for r in runs:
         groups[(r.method, r.clients)].append(r)
 
-    def order(key: tuple[str, int]) -> tuple[int, int]:
-        m, k = key
-        return (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER), k)
-
     rows = []
-    for method, k in sorted(groups, key=order):
+    for method, k in sorted(groups, key=lambda key: (_method_rank(key[0]), key[1])):
         members = groups[(method, k)]
         counts = [r.paper_params for r in members if r.paper_params is not None]
         row: dict[str, Any] = {"method": method, "K": k, "runs": len(members),
@@ -145,12 +152,12 @@ def _cell(c: dict[str, Any], digits: int) -> str:
 
 def table1_markdown(rows: list[dict[str, Any]], digits: int = 1) -> str:
     """Markdown in the paper's layout: method | K | N | IID | l-skew | q-skew."""
-    head = "| method | K | N | " + " | ".join(PARTITION_NAMES[p] for p in PARTITIONS) + " |"
+    head = "| method | K | N | " + " | ".join(PARTITION_LABELS.get(p, p) for p in PARTITIONS) + " |"
     lines = [head, "|---|---|---|" + "---|" * len(PARTITIONS)]
     for row in rows:
         n = "–" if row["N"] is None else f"{row['N']:.2f}"
         cells = " | ".join(_cell(row[p], digits) for p in PARTITIONS)
-        lines.append(f"| {METHOD_NAMES.get(row['method'], row['method'])} | {row['K']} | {n} | {cells} |")
+        lines.append(f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['K']} | {n} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +187,7 @@ def figure4_curves(runs: Iterable[RunRecord], clients: int) -> dict[str, tuple[l
         if r.clients == clients and r.comm:
             per[r.method].append({int(c["round"]): int(c["paper_params_cum"]) for c in r.comm})
     curves = {}
-    for method in sorted(per, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
+    for method in sorted(per, key=_method_rank):
         rounds = sorted(set.intersection(*(set(d) for d in per[method])))
         curves[method] = (rounds, [float(np.mean([d[t] for d in per[method]])) for t in rounds])
     return curves
@@ -210,7 +217,7 @@ def figure4(runs: Iterable[RunRecord], path: str | os.PathLike[str], clients: in
     ax = fig.add_subplot(1, 1, 1)
     for method, (rounds, cum) in curves.items():
         ax.plot(rounds, [c / 1e8 for c in cum], marker="o", markersize=3,
-                label=METHOD_NAMES.get(method, method))
+                label=METHOD_LABELS.get(method, method))
     ax.set_xlabel("round")
     from matplotlib.ticker import MaxNLocator
 

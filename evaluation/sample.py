@@ -12,17 +12,22 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from evaluation.fid import EvalError, progress_bar
+from evaluation.errors import EvalError
+from evaluation.protocol import DEFAULT_DDIM_STEPS, SAMPLERS, WEIGHT_CHOICES, WEIGHT_KINDS
+from fedrun import dist
+from fedrun.methods import Method
+from fedrun.output import steps as progress_steps
+from fedrun.rundir import RunDir
 
-SAMPLERS = ("ddpm", "ddpm-clip", "ddim")
-DEFAULT_DDIM_STEPS = 50
-WEIGHT_KINDS = ("raw", "ema")
+if TYPE_CHECKING:
+    from unet import GaussianDiffusion
+
 
 
 def sampler_steps(sampler: str, steps: int | None) -> int | None:
@@ -50,16 +55,10 @@ def to_uint8(x: Tensor) -> Tensor:
     return ((x.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def sample_images(
     model: nn.Module,
-    diffusion,
+    diffusion: GaussianDiffusion,
     num_samples: int,
     image_shape: Sequence[int],
     *,
@@ -69,7 +68,7 @@ def sample_images(
     device: str | torch.device = "cpu",
     seed: int = 0,
     distributed: bool | None = None,
-    progress: bool | None = None,
+    progress: bool = True,
 ) -> Tensor:
     """``num_samples`` images, uint8 [N, C, H, W] on the CPU, from ``diffusion.sample`` with ``model``.
 
@@ -84,7 +83,7 @@ def sample_images(
     if num_samples < 1 or batch_size < 1:
         raise EvalError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
-    rank, world = _world() if distributed in (None, True) else (0, 1)
+    rank, world = (dist.rank(), dist.world()) if distributed in (None, True) else (0, 1)
     shape = tuple(int(s) for s in image_shape)
     num_batches = math.ceil(num_samples / batch_size)
     mine = list(range(rank, num_batches, world))
@@ -94,8 +93,8 @@ def sample_images(
     was_training = model.training
     model.eval()
     out: list[Tensor] = []
-    # The bar counts network evaluations, on rank 0 only.
-    with progress_bar(calls, "sampling", progress if rank == 0 else False, unit="step") as bar:
+    # The progress counts network evaluations, on rank 0 only.
+    with progress_steps(calls, "sampling", unit="step", enabled=progress and rank == 0 and calls > 0) as bar:
         try:
             for i in mine:
                 n = min(batch_size, num_samples - i * batch_size)
@@ -113,19 +112,13 @@ def sample_images(
 
 def _gather_batches(local: Tensor, mine: list[int], num_samples: int, batch_size: int, world: int,
                     shape: tuple[int, ...]) -> Tensor:
-    """all_gather every rank's batches (padded to one size) and put them back in batch order."""
+    """Every rank's batches (padded to one size for the all_gather), put back in batch order."""
     num_batches = math.ceil(num_samples / batch_size)
     per_rank = math.ceil(num_batches / world)
     pad = torch.zeros((per_rank * batch_size, *shape), dtype=torch.uint8)
     pad[: local.shape[0]] = local
-    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
-    if dist.get_backend() == "nccl":
-        pad = pad.to(torch.device("cuda", torch.cuda.current_device()))
-    parts = [torch.empty_like(pad) for _ in range(world)]
-    dist.all_gather(parts, pad)
     out = torch.empty((num_samples, *shape), dtype=torch.uint8)
-    for r, part in enumerate(parts):
-        part = part.cpu()
+    for r, part in enumerate(dist.all_gather_tensor(pad)):
         for j, i in enumerate(range(r, num_batches, world)):
             n = min(batch_size, num_samples - i * batch_size)
             out[i * batch_size : i * batch_size + n] = part[j * batch_size : j * batch_size + n]
@@ -162,35 +155,28 @@ def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64
 # Models of a finished run.
 
 
-def run_model_files(run_dir: str | os.PathLike[str], method: str, num_clients: int,
+def run_model_files(run: RunDir, method: Method, num_clients: int,
                     weights: str | None = None) -> dict[str, list[tuple[str, Path]]]:
-    """{weights kind: [(label, file)]} for a run dir's ``models/``.
+    """{weights kind: [(label, file)]} of a run's final models, labels from ``method.model_labels``.
 
-    FULL/USplit: one global model, label 'global' (``global.pt`` / ``global_ema.pt``). UDec/ULatDec:
-    one model per client, labels 'client0'.. (``client{k}.pt`` / ``client{k}_ema.pt``).
     ``weights``: 'raw', 'ema', 'both', or None = both when the EMA files exist, else raw.
     """
-    models = Path(run_dir) / "models"
-    if method in ("udec", "ulatdec"):
-        labels = [f"client{k}" for k in range(num_clients)]
-    else:
-        labels = ["global"]
-    files = {"raw": [(lb, models / f"{lb}.pt") for lb in labels],
-             "ema": [(lb, models / f"{lb}_ema.pt") for lb in labels]}
+    labels = method.model_labels(num_clients)
+    files = {kind: [(lb, run.model_file(lb, ema=kind == "ema")) for lb in labels] for kind in WEIGHT_KINDS}
     have_ema = all(p.is_file() for _, p in files["ema"])
     if weights is None:
-        kinds = ["raw", "ema"] if have_ema else ["raw"]
+        kinds = list(WEIGHT_KINDS) if have_ema else ["raw"]
     elif weights == "both":
-        kinds = ["raw", "ema"]
+        kinds = list(WEIGHT_KINDS)
     elif weights in WEIGHT_KINDS:
         kinds = [weights]
     else:
-        raise EvalError(f"invalid weights={weights!r}: allowed: raw, ema, both")
+        raise EvalError(f"invalid weights={weights!r}: allowed: {', '.join(WEIGHT_CHOICES)}")
     for kind in kinds:
         missing = [str(p) for _, p in files[kind] if not p.is_file()]
         if missing:
             hint = " (the run was trained without EMA: use --weights raw)" if kind == "ema" else ""
-            raise EvalError(f"missing model file(s) in {models}: {', '.join(missing)}{hint}")
+            raise EvalError(f"missing model file(s) in {run.models}: {', '.join(missing)}{hint}")
     return {k: files[k] for k in kinds}
 
 

@@ -70,6 +70,14 @@ def _pick_device(device: str, local_rank: int, distributed: bool) -> torch.devic
     return torch.device(device)
 
 
+def pick_device(device: str | torch.device) -> torch.device:
+    """The device ``init_distributed`` would choose for ``device`` (auto, cpu, cuda, cuda:1) in this process,
+    without joining a process group: under torchrun each rank its LOCAL_RANK's GPU. A torch.device is kept."""
+    if isinstance(device, torch.device):
+        return device
+    return _pick_device(str(device), _env_int("LOCAL_RANK", 0), distributed=_env_int("WORLD_SIZE", 1) > 1)
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
     """Join the process group described by the environment, or run as a single process.
 
@@ -114,12 +122,18 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _world() -> int:
+def world() -> int:
+    """Number of ranks of the initialised process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the initialised process group (0 without one)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _all_gather_object(obj: object) -> list[object]:
-    out: list[object] = [None] * _world()
+    out: list[object] = [None] * world()
     if len(out) == 1:
         return [obj]
     dist.all_gather_object(out, obj)
@@ -128,7 +142,7 @@ def _all_gather_object(obj: object) -> list[object]:
 
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
-    if _world() > 1:
+    if world() > 1:
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
@@ -137,7 +151,7 @@ def barrier() -> None:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s picklable ``obj`` on every rank (``obj`` is ignored elsewhere)."""
-    if _world() == 1:
+    if world() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -214,13 +228,25 @@ def all_gather_ints(values: list[int | None]) -> list[int]:
     return out
 
 
+def all_gather_tensor(t: Tensor) -> list[Tensor]:
+    """Every rank's ``t`` (same shape and dtype everywhere), in rank order, on the CPU; ``[t]`` alone."""
+    if world() == 1:
+        return [t]
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    parts = [torch.empty_like(t) for _ in range(world())]
+    dist.all_gather(parts, t)
+    return [p.cpu() for p in parts]
+
+
 @torch.no_grad()
 def broadcast_state(tensors: list[Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` on every rank with rank ``src``'s values, bit for bit, in one broadcast.
 
     The tensors are packed as raw bytes, so any mix of dtypes travels in one flat uint8 buffer.
     """
-    if _world() == 1 or not tensors:
+    if world() == 1 or not tensors:
         return
     devices = {t.device for t in tensors}
     if len(devices) != 1:

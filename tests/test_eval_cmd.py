@@ -13,11 +13,15 @@ import pytest
 import torch
 
 from evaluation import fid as F
-from evaluation.commands import evaluate_run, fid_of_model, run_eval, run_fid, run_report
+from evaluation import inception as Inc
+from evaluation.commands import run_eval, run_fid, run_report
+from evaluation.evaluate import evaluate_run
+from evaluation.scoring import fid_of_model
 from fedrun.build import build_diffusion, build_model
 from fedrun.cli import build_parser
 from fedrun.cli import main as fedrun_main
-from fedrun.config import apply_overrides, get_preset
+from fedrun.config import apply_overrides
+from fedrun.presets import get_preset
 
 
 def _tiny_run(root: Path, method: str = "full", ema: bool = False) -> Path:
@@ -75,7 +79,7 @@ def test_missing_weights_offline_clear_message_no_traceback(tmp_path, repo_root)
                        text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
-    assert F.WEIGHTS_FILENAME in p.stderr and str(tmp_path / "empty_home" / "hub" / "checkpoints") in p.stderr
+    assert Inc.WEIGHTS_FILENAME in p.stderr and str(tmp_path / "empty_home" / "hub" / "checkpoints") in p.stderr
     assert "--inception-weights" in p.stderr
     assert "Downloading" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
@@ -92,7 +96,7 @@ def test_fid_command_on_npz_sources_and_save_stats(tmp_path, torch_home, monkeyp
 
     assert fedrun_main(["fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--device", "cpu"]) == 0
     printed = float(capsys.readouterr().out.split("FID:")[1])
-    stats_a, stats_b = F.statistics(F.inception_features(a)), F.statistics(F.inception_features(b))
+    stats_a, stats_b = F.statistics(Inc.inception_features(a)), F.statistics(Inc.inception_features(b))
     expected = F.frechet_distance(*stats_a, *stats_b)
     assert printed == pytest.approx(expected, rel=1e-9) and printed > 1
 
@@ -101,7 +105,7 @@ def test_fid_command_on_npz_sources_and_save_stats(tmp_path, torch_home, monkeyp
     assert fedrun_main(["fid", "--save-stats", str(tmp_path / "a.npz"), str(out), "--num", "4"]) == 0
     with np.load(out) as f:
         assert int(f["n"]) == 4
-        np.testing.assert_allclose(f["mu"], F.statistics(F.inception_features(a[:4]))[0], atol=1e-6)
+        np.testing.assert_allclose(f["mu"], F.statistics(Inc.inception_features(a[:4]))[0], atol=1e-6)
         trace = float(np.trace(f["sigma"]))
     assert fedrun_main(["fid", "--save-stats", str(tmp_path / "a.npz"), str(out)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err

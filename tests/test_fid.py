@@ -8,6 +8,10 @@ import torch
 from PIL import Image
 
 from evaluation import fid as F
+from evaluation import inception as Inc
+from evaluation import reference as Ref
+from evaluation import sources as Src
+from evaluation.errors import SourceError
 
 
 def _spd(rng: np.random.Generator, d: int, n: int | None = None) -> np.ndarray:
@@ -87,7 +91,7 @@ def test_project_stats_file_is_read_by_pytorch_fid(tmp_path):
     m, s = compute_statistics_of_path(str(path), None, 50, 2048, "cpu")  # .npz: read, no model needed
     np.testing.assert_array_equal(m, mu)
     np.testing.assert_array_equal(s, sigma)
-    assert F.parse_source(str(path)).kind == "stats"
+    assert Src.parse_source(str(path)).kind == "stats"
 
 
 def _write_pngs(folder, images: torch.Tensor) -> None:
@@ -108,10 +112,10 @@ def test_pytorch_fid_stats_file_is_read_by_the_project(tmp_path, torch_home, mon
     out = tmp_path / "pf_stats.npz"
     save_fid_stats([str(tmp_path / "imgs"), str(out)], batch_size=6, device="cpu", dims=2048, num_workers=0)
 
-    src = F.parse_source(str(out))
+    src = Src.parse_source(str(out))
     assert src.kind == "stats"
     mu_pf, sigma_pf = F.load_stats(out)
-    mu, sigma = F.statistics(F.inception_features(images, batch_size=6))
+    mu, sigma = F.statistics(Inc.inception_features(images, batch_size=6))
     assert mu_pf.shape == (2048,) and sigma_pf.shape == (2048, 2048)
     np.testing.assert_allclose(mu, mu_pf, atol=1e-5)
     np.testing.assert_allclose(sigma, sigma_pf, atol=1e-5)
@@ -119,7 +123,7 @@ def test_pytorch_fid_stats_file_is_read_by_the_project(tmp_path, torch_home, mon
 
 def test_load_stats_rejects_an_images_npz(tmp_path):
     np.savez(tmp_path / "x.npz", x=np.zeros((2, 1, 4, 4), np.uint8))
-    with pytest.raises(F.SourceError, match="mu and sigma"):
+    with pytest.raises(SourceError, match="mu and sigma"):
         F.load_stats(tmp_path / "x.npz")
 
 
@@ -132,11 +136,11 @@ def test_grey_input_matches_pil_rgb_conversion(tmp_path):
     img = torch.randint(0, 256, (1, 1, 9, 7), dtype=torch.uint8, generator=g)
     Image.fromarray(img[0, 0].numpy(), mode="L").save(tmp_path / "a.png")
     pil = np.asarray(Image.open(tmp_path / "a.png").convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
-    ours = F.to_inception_input(img)[0].permute(1, 2, 0).numpy()
+    ours = Inc.to_inception_input(img)[0].permute(1, 2, 0).numpy()
     assert ours.shape == (9, 7, 3)
     np.testing.assert_array_equal(ours, pil)
-    with pytest.raises(F.SourceError):
-        F.to_inception_input(torch.zeros(1, 2, 4, 4, dtype=torch.uint8))
+    with pytest.raises(SourceError):
+        Inc.to_inception_input(torch.zeros(1, 2, 4, 4, dtype=torch.uint8))
 
 
 def test_parse_source_kinds_and_errors(tmp_path):
@@ -145,22 +149,22 @@ def test_parse_source_kinds_and_errors(tmp_path):
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2), sigma=np.eye(2))
     np.savez(tmp_path / "other.npz", y=np.zeros(2))
     (tmp_path / "a.txt").write_text("x")
-    assert F.parse_source(str(tmp_path / "folder")).kind == "folder"
-    assert F.parse_source(str(tmp_path / "imgs.npz")).kind == "images"
-    assert F.parse_source(str(tmp_path / "stats.npz")).kind == "stats"
-    src = F.parse_source("fashion-mnist:test")
+    assert Src.parse_source(str(tmp_path / "folder")).kind == "folder"
+    assert Src.parse_source(str(tmp_path / "imgs.npz")).kind == "images"
+    assert Src.parse_source(str(tmp_path / "stats.npz")).kind == "stats"
+    src = Src.parse_source("fashion-mnist:test")
     assert (src.kind, src.dataset, src.split) == ("dataset", "fashion-mnist", "test")
-    assert F.parse_source("cifar10:train").split == "train"
-    with pytest.raises(F.SourceError, match="has"):
-        F.parse_source(str(tmp_path / "other.npz"))
-    with pytest.raises(F.SourceError, match="split"):
-        F.parse_source("mnist:val")
-    with pytest.raises(F.SourceError, match="not an image folder"):
-        F.parse_source(str(tmp_path / "missing"))
-    with pytest.raises(F.SourceError, match=".npz"):
-        F.parse_source(str(tmp_path / "a.txt"))
-    with pytest.raises(F.SourceError, match="no images"):
-        F.source_statistics(str(tmp_path / "folder"))
+    assert Src.parse_source("cifar10:train").split == "train"
+    with pytest.raises(SourceError, match="has"):
+        Src.parse_source(str(tmp_path / "other.npz"))
+    with pytest.raises(SourceError, match="split"):
+        Src.parse_source("mnist:val")
+    with pytest.raises(SourceError, match="not an image folder"):
+        Src.parse_source(str(tmp_path / "missing"))
+    with pytest.raises(SourceError, match=".npz"):
+        Src.parse_source(str(tmp_path / "a.txt"))
+    with pytest.raises(SourceError, match="no images"):
+        Src.source_statistics(str(tmp_path / "folder"))
 
 
 def test_folder_and_npz_sources_give_the_same_statistics(tmp_path, torch_home, monkeypatch):
@@ -169,8 +173,8 @@ def test_folder_and_npz_sources_give_the_same_statistics(tmp_path, torch_home, m
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=g)
     _write_pngs(tmp_path / "imgs", images)
     np.savez(tmp_path / "imgs.npz", x=images.numpy())
-    mu_f, s_f, n_f = F.source_statistics(str(tmp_path / "imgs"), batch_size=3, limit=4)
-    mu_x, s_x, n_x = F.source_statistics(str(tmp_path / "imgs.npz"), batch_size=4, limit=4)
+    mu_f, s_f, n_f = Src.source_statistics(str(tmp_path / "imgs"), batch_size=3, limit=4)
+    mu_x, s_x, n_x = Src.source_statistics(str(tmp_path / "imgs.npz"), batch_size=4, limit=4)
     assert n_f == n_x == 4  # --limit takes the first 4
     np.testing.assert_allclose(mu_f, mu_x, atol=1e-6)
     np.testing.assert_allclose(s_f, s_x, atol=1e-6)
@@ -180,7 +184,7 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     cache = tmp_path / "cache"
     (tmp_path / "a_file").write_text("")  # a cache dir below a file cannot be created: the next one is used
-    mu, sigma = F.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
+    mu, sigma = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
                                        cache_dirs=[tmp_path / "a_file" / "sub", cache])
     cached = cache / "fashion-mnist_test_n6.npz"
     assert cached.is_file()
@@ -190,8 +194,8 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
     def fail(*a, **k):
         raise AssertionError("statistics recomputed despite the cache")
 
-    monkeypatch.setattr(F, "source_statistics", fail)
-    mu2, sigma2 = F.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
+    monkeypatch.setattr(Ref, "source_statistics", fail)
+    mu2, sigma2 = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
                                          cache_dirs=[cache])
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
@@ -202,23 +206,23 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
 
 def test_missing_weights_raise_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
-    with pytest.raises(F.WeightsNotFoundError) as e:
-        F.load_inception()
+    with pytest.raises(Inc.WeightsNotFoundError) as e:
+        Inc.load_inception()
     msg = str(e.value)
     assert isinstance(e.value, FileNotFoundError)
-    assert F.WEIGHTS_FILENAME in msg and F.WEIGHTS_URL in msg
+    assert Inc.WEIGHTS_FILENAME in msg and Inc.WEIGHTS_URL in msg
     assert str(tmp_path / "empty_home" / "hub" / "checkpoints") in msg and "--inception-weights" in msg
-    with pytest.raises(F.WeightsNotFoundError, match="does not exist"):
-        F.find_inception_weights(tmp_path / "nothing.pth")
+    with pytest.raises(Inc.WeightsNotFoundError, match="does not exist"):
+        Inc.find_inception_weights(tmp_path / "nothing.pth")
 
 
 def test_explicit_weights_path_loads_without_torch_home(tmp_path, torch_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))  # nothing in the hub cache
-    explicit = torch_home / "hub" / "checkpoints" / F.WEIGHTS_FILENAME
-    model = F.load_inception(explicit)
+    explicit = torch_home / "hub" / "checkpoints" / Inc.WEIGHTS_FILENAME
+    model = Inc.load_inception(explicit)
     assert not model.training
     x = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
-    feats = F.inception_features(x, weights=explicit)
+    feats = Inc.inception_features(x, weights=explicit)
     assert feats.shape == (2, 2048) and feats.dtype == np.float64 and np.isfinite(feats).all()
 
 
@@ -234,14 +238,14 @@ def test_fid_200_train_vs_200_test_equals_pytorch_fid(tmp_path, fmnist_root, tor
     from pytorch_fid.fid_score import calculate_fid_given_paths
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    train = F.load_dataset_images("fashion-mnist", "train", fmnist_root, limit=200)
-    test = F.load_dataset_images("fashion-mnist", "test", fmnist_root, limit=200)
+    train = Src.load_dataset_images("fashion-mnist", "train", fmnist_root, limit=200)
+    test = Src.load_dataset_images("fashion-mnist", "test", fmnist_root, limit=200)
     assert train.shape == test.shape == (200, 1, 28, 28)
     _write_pngs(tmp_path / "train", train)
     _write_pngs(tmp_path / "test", test)
 
-    stats_train = F.statistics(F.inception_features(train))
-    stats_test = F.statistics(F.inception_features(test))
+    stats_train = F.statistics(Inc.inception_features(train))
+    stats_test = F.statistics(Inc.inception_features(test))
     ours = F.frechet_distance(*stats_train, *stats_test)
     theirs = float(calculate_fid_given_paths([str(tmp_path / "train"), str(tmp_path / "test")], batch_size=50,
                                              device="cpu", dims=2048, num_workers=0))

@@ -10,7 +10,9 @@ from PIL import Image
 from torch import nn
 
 from evaluation import sample as S
-from evaluation.fid import EvalError
+from evaluation.errors import EvalError
+from fedrun.methods import get_method
+from fedrun.rundir import RunDir
 from unet import GaussianDiffusion
 
 
@@ -98,7 +100,7 @@ def test_seeded_sampling_is_deterministic_and_per_batch():
 
 def test_with_the_real_tiny_unet():
     from fedrun.build import build_diffusion, build_model, image_shape
-    from fedrun.config import get_preset
+    from fedrun.presets import get_preset
 
     cfg = get_preset("tiny")
     c, s = image_shape(cfg)
@@ -134,20 +136,21 @@ def test_run_model_files(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
     (models / "global.pt").write_bytes(b"")
-    assert S.run_model_files(tmp_path, "full", 2) == {"raw": [("global", models / "global.pt")]}
+    assert S.run_model_files(RunDir(tmp_path), get_method("full"), 2) == {"raw": [("global", models / "global.pt")]}
     with pytest.raises(EvalError, match="without EMA"):
-        S.run_model_files(tmp_path, "usplit", 2, "ema")
+        S.run_model_files(RunDir(tmp_path), get_method("usplit"), 2, "ema")
     (models / "global_ema.pt").write_bytes(b"")
-    assert list(S.run_model_files(tmp_path, "full", 2)) == ["raw", "ema"]  # default: both when EMA exists
-    assert list(S.run_model_files(tmp_path, "full", 2, "ema")) == ["ema"]
+    # default: both when EMA exists
+    assert list(S.run_model_files(RunDir(tmp_path), get_method("full"), 2)) == ["raw", "ema"]
+    assert list(S.run_model_files(RunDir(tmp_path), get_method("full"), 2, "ema")) == ["ema"]
     with pytest.raises(EvalError, match="client1.pt"):
         (models / "client0.pt").write_bytes(b"")
-        S.run_model_files(tmp_path, "udec", 2)
+        S.run_model_files(RunDir(tmp_path), get_method("udec"), 2)
     (models / "client1.pt").write_bytes(b"")
-    files = S.run_model_files(tmp_path, "ulatdec", 2)
+    files = S.run_model_files(RunDir(tmp_path), get_method("ulatdec"), 2)
     assert files == {"raw": [("client0", models / "client0.pt"), ("client1", models / "client1.pt")]}
     with pytest.raises(EvalError, match="weights"):
-        S.run_model_files(tmp_path, "full", 2, "best")
+        S.run_model_files(RunDir(tmp_path), get_method("full"), 2, "best")
 
 
 def test_load_weights_checks_the_keys(tmp_path):

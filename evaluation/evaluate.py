@@ -1,0 +1,300 @@
+"""``evaluate_run``: sample every final model of a run, score its FID, write fid.json, TensorBoard and samples.
+
+A pipeline of small steps: ``plan_evaluation`` (the protocol and the files: model weights, or samples saved by an
+earlier ``stage='sample'``), ``prepare_reference`` (rank 0, before minutes of sampling), ``evaluate_models``
+(sample or load, then score, model by model) and ``write_samples_record`` / ``write_scores``.
+
+FID protocol (the paper): pytorch-fid's Inception, 1,000 ancestral DDPM samples per model, against the
+Fashion-MNIST test split. Numbers from different protocols are not comparable: at 1,000 samples even real
+data scores about 15.5 (the small-sample floor), and EMA weights usually score differently from the raw ones;
+``fid.json`` therefore records the full protocol next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from evaluation.errors import EvalError
+from evaluation.fid import Stats, fid_of_images
+from evaluation.inception import find_inception_weights
+from evaluation.protocol import (
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_SAMPLER,
+    DEFAULT_SEED,
+    FID_FLOOR_NOTE,
+    SAMPLES_JSON,
+    STAGES,
+    WEIGHT_KINDS,
+    WEIGHTS_FILENAME,
+    Protocol,
+)
+from evaluation.reference import stats_cache_dir
+from evaluation.sample import (
+    load_weights,
+    run_model_files,
+    sample_images,
+    sampler_steps,
+    save_grid,
+    save_npz,
+)
+from evaluation.scoring import default_reference, reference_of_run
+from evaluation.sources import load_images_npz, parse_source
+from fedrun import dist
+from fedrun.build import build_diffusion, build_model, image_shape
+from fedrun.config import RunConfig
+from fedrun.methods import get_method
+from fedrun.output import Sink, TensorBoardSink, rank_sink
+from fedrun.rundir import RunDir, atomic_write_json
+
+ModelFiles = dict[str, list[tuple[str, Path]]]
+"""{weights kind: [(model label, file)]}: model weights, or saved samples."""
+
+
+def load_run_config(run: RunDir) -> RunConfig:
+    """The run's config.json; EvalError when ``run`` is not a run directory."""
+    if not run.config.is_file():
+        raise EvalError(f"{run.root} is not a run directory (no config.json)")
+    return RunConfig.from_json(run.config.read_text())
+
+
+@dataclass
+class Plan:
+    """What one ``evaluate_run`` does."""
+
+    run: RunDir
+    cfg: RunConfig
+    stage: str
+    protocol: Protocol
+    files: ModelFiles
+    saved: bool
+    """True: ``files`` are samples saved by ``stage='sample'`` (stage 'score'), else model weights."""
+
+    @property
+    def score(self) -> bool:
+        return self.stage != "sample"
+
+
+@dataclass
+class Outcome:
+    """What ``evaluate_models`` found (on rank 0; empty elsewhere)."""
+
+    fids: dict[str, dict[str, float]] = field(default_factory=dict)
+    """{kind: {label: FID}}."""
+    mean_pixels: dict[str, dict[str, float]] = field(default_factory=dict)
+    """{kind: {label: mean sample pixel, 0-255}}."""
+    written: dict[str, dict[str, str]] = field(default_factory=dict)
+    """{kind: {label: samples file name in eval/}}."""
+
+
+def plan_evaluation(run: RunDir, stage: str, num_samples: int | None, sampler: str | None, steps: int | None,
+                    weights: str | None, seed: int | None, batch_size: int) -> Plan:
+    """The protocol and files of an evaluation; None arguments take the defaults (or the saved samples')."""
+    cfg = load_run_config(run)
+    if stage not in STAGES:
+        raise EvalError(f"invalid stage={stage!r}: allowed: {', '.join(STAGES)}")
+    if stage == "score":  # the protocol is the one the samples were drawn with
+        protocol, files = _saved_samples(run.eval, num_samples, sampler, steps, seed, weights)
+        return Plan(run, cfg, stage, protocol, files, saved=True)
+    sampler = sampler or DEFAULT_SAMPLER
+    protocol = Protocol(DEFAULT_NUM_SAMPLES if num_samples is None else num_samples, sampler,
+                        sampler_steps(sampler, steps), DEFAULT_SEED if seed is None else seed, batch_size)
+    if protocol.num_samples < 2:
+        raise EvalError(f"invalid num_samples={protocol.num_samples}: FID needs at least 2")
+    method = get_method(cfg.federation.method)
+    files = run_model_files(run, method, cfg.federation.clients, weights)
+    return Plan(run, cfg, stage, protocol, files, saved=False)
+
+
+def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None, steps: int | None,
+                   seed: int | None, weights: str | None) -> tuple[Protocol, ModelFiles]:
+    """What ``stage='sample'`` recorded, checked against the sampling arguments given (None = not given)."""
+    path = eval_dir / SAMPLES_JSON
+    if not path.is_file():
+        raise EvalError(f"no saved samples: {path} is missing; run `fedrun eval RUN_DIR --stage sample` first")
+    rec = json.loads(path.read_text())
+    proto = rec["protocol"]
+    given = {"num_samples": num_samples, "sampler": sampler, "seed": seed}
+    if steps is not None:
+        given["steps"] = steps
+    for key, value in given.items():
+        if value is not None and value != proto[key]:
+            raise EvalError(f"--{key.replace('_', '-')} {value} differs from the saved samples' {proto[key]} "
+                            f"({path}): drop it, or sample again")
+    # In WEIGHT_KINDS order, whatever the order of the JSON's keys (atomic_write_json sorts them).
+    files = {k: rec["files"][k] for k in WEIGHT_KINDS if k in rec["files"]}
+    if weights is not None:
+        wanted = list(WEIGHT_KINDS) if weights == "both" else [weights]
+        missing = [k for k in wanted if k not in files]
+        if missing:
+            raise EvalError(f"no saved {', '.join(missing)} samples in {path} (saved: {', '.join(files)})")
+        files = {k: files[k] for k in wanted}
+    absent = [name for entries in files.values() for name in entries.values() if not (eval_dir / name).is_file()]
+    if absent:
+        raise EvalError(f"saved sample file(s) missing from {eval_dir}: {', '.join(absent)}")
+    protocol = Protocol(proto["num_samples"], proto["sampler"], proto["steps"] if proto["sampler"] == "ddim" else None,
+                        proto["seed"], proto["batch_size"])
+    return protocol, {kind: [(label, eval_dir / name) for label, name in entries.items()]
+                      for kind, entries in files.items()}
+
+
+def prepare_reference(plan: Plan, ref: str, data_root: str | os.PathLike[str] | None, device: torch.device,
+                      sink: Sink, **kw: Any) -> Stats | None:
+    """Reference statistics on rank 0 (None elsewhere), before any sampling, so that a missing data set fails
+    at once. The outcome is shared, so no rank waits in a collective for a rank that has failed."""
+    stats, error = None, None
+    if dist.rank() == 0:
+        try:
+            # Cached in fedrun's cache, else in this run's eval/; never next to the data.
+            stats = reference_of_run(plan.cfg, ref, data_root=data_root, device=device, sink=sink,
+                                     cache_dirs=[stats_cache_dir(), plan.run.eval], **kw)
+        except Exception as e:  # re-raised below on rank 0, reported on the others
+            error = e
+    failed = dist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed:
+        raise EvalError(f"rank 0 failed to prepare the FID reference: {failed}")
+    return stats
+
+
+def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) -> Tensor | None:
+    """One model's uint8 samples: loaded (saved samples, rank 0 only) or drawn (spread over every rank)."""
+    if plan.saved:
+        return load_images_npz(path) if dist.rank() == 0 else None
+    channels, size = image_shape(plan.cfg)
+    p = plan.protocol
+    model = load_weights(build_model(plan.cfg), path).to(device)
+    return sample_images(model, build_diffusion(plan.cfg), p.num_samples, (channels, size, size),
+                         sampler=p.sampler, steps=p.ddim_steps, batch_size=p.batch_size, device=device,
+                         seed=p.seed, progress=progress)
+
+
+def evaluate_models(plan: Plan, stats: Stats | None, device: torch.device, write: bool, progress: bool,
+                    **fid_kw: Any) -> Outcome:
+    """Sample (or load) and score every model in turn. Every model is sampled with the same seed (same noise),
+    so raw vs EMA and client vs client differ only by the weights."""
+    out = Outcome()
+    for kind, entries in plan.files.items():
+        out.mean_pixels[kind] = {}
+        for label, path in entries:
+            x = _samples_of(plan, path, device, progress)
+            if dist.rank() != 0:
+                continue
+            if not plan.saved and (write or not plan.score):
+                stem = f"{label}_{kind}"
+                save_npz(x, plan.run.eval / f"samples_{stem}.npz")
+                save_grid(x, plan.run.eval / f"grid_{stem}.png")
+                out.written.setdefault(kind, {})[label] = f"samples_{stem}.npz"
+            # Mean pixel (0-255): drifting brightness is a known failure of raw DDPM weights.
+            out.mean_pixels[kind][label] = round(float(x.float().mean()), 3)
+            if plan.score:
+                fid = fid_of_images(x, stats, device=device, progress=progress, **fid_kw)
+                out.fids.setdefault(kind, {})[label] = fid
+    return out
+
+
+def _summaries(plan: Plan, outcome: Outcome) -> dict[str, dict[str, Any]]:
+    """Per weights kind: mean and population std of the models' FIDs (one per client if personalised)."""
+    personalised = get_method(plan.cfg.federation.method).personalised
+    results = {}
+    for kind, per_model in outcome.fids.items():
+        values = list(per_model.values())
+        results[kind] = {"fid": float(np.mean(values)), "fid_std": float(np.std(values, ddof=0)),
+                         "per_client": values if personalised else None, "models": per_model,
+                         "mean_pixel": outcome.mean_pixels[kind]}
+    return results
+
+
+def _run_facts(plan: Plan) -> dict[str, Any]:
+    fed = plan.cfg.federation
+    return {"method": fed.method, "clients": fed.clients, "rounds": fed.rounds}
+
+
+def write_samples_record(plan: Plan, outcome: Outcome) -> dict[str, Any]:
+    """eval/samples.json: what ``stage='score'`` needs to score the saved samples later."""
+    protocol = plan.protocol.record(plan.cfg.diffusion.timesteps, list(plan.files))
+    out = {"stage": "sample", "files": outcome.written, "mean_pixel": outcome.mean_pixels, **_run_facts(plan),
+           "protocol": protocol}
+    atomic_write_json(plan.run.eval / SAMPLES_JSON, out)
+    return out
+
+
+def write_scores(plan: Plan, outcome: Outcome, ref: str, write: bool) -> dict[str, Any]:
+    """fid.json and the fid/<weights>[/<client>] TensorBoard scalars (at step = rounds), headline EMA if any."""
+    results = _summaries(plan, outcome)
+    headline = "ema" if "ema" in results else "raw"
+    protocol = {**plan.protocol.record(plan.cfg.diffusion.timesteps, list(plan.files)), "reference": ref,
+                "inception": f"pytorch-fid InceptionV3 pool3 (2048-d), {WEIGHTS_FILENAME}", "note": FID_FLOOR_NOTE,
+                **({"sampled_apart": True} if plan.saved else {})}
+    out = {"fid": results[headline]["fid"], "fid_std": results[headline]["fid_std"],
+           "per_client": results[headline]["per_client"], "headline_weights": headline, "results": results,
+           **_run_facts(plan), "protocol": protocol}
+    if write:
+        atomic_write_json(plan.run.fid_json, out)
+        tb = TensorBoardSink(plan.run.tb)
+        try:
+            for kind, r in results.items():
+                tb.scalar(f"fid/{kind}", r["fid"], plan.cfg.federation.rounds)
+                if r["per_client"] is not None:
+                    for label, v in r["models"].items():
+                        tb.scalar(f"fid/{kind}/{label}", v, plan.cfg.federation.rounds)
+        finally:
+            tb.close()
+    return out
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    num_samples: int | None = None,
+    ref: str | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    weights: str | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int = 250,
+    seed: int | None = None,
+    *,
+    inception_weights: str | os.PathLike[str] | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    fid_batch_size: int = 50,
+    progress: bool = True,
+    write: bool = True,
+    stage: str = "all",
+) -> dict[str, Any]:
+    """Sample every model of a finished run, score it, write fid.json, TensorBoard scalars and samples.
+
+    ``stage``: 'all' samples and scores; 'sample' only samples (``eval/samples_*.npz`` and grids, plus
+    ``eval/samples.json`` with the protocol: no Inception weights or reference needed, e.g. on a GPU node
+    without them); 'score' scores those saved samples under the protocol recorded with them (e.g. later, on
+    a CPU machine that has the weights), then writes fid.json as 'all' would.
+
+    Models: the run's final models (``Method.model_labels``: one global model, or one per client with one FID
+    each; fid/fid_std are their mean and population std). ``num_samples`` (None = 1,000, the paper's),
+    ``sampler`` (None = 'ddpm') and ``seed`` (None = 0) set the protocol. ``weights``: raw, ema, both, or
+    None = both when EMA files exist. ``ref``: a statistics .npz, an image folder, an .npz of images or a
+    dataset split; None = the run dataset's test split (statistics cached in fedrun's cache directory).
+    With an initialised process group, sampling is spread over the ranks, rank 0 scores and writes, and every
+    rank returns rank 0's result.
+    """
+    p = plan_evaluation(RunDir(run_dir), stage, num_samples, sampler, steps, weights, seed, batch_size)
+    ref = (ref or default_reference(p.cfg)) if p.score else None
+    if p.score:
+        parse_source(ref)  # a bad --ref fails before anything is computed,
+        find_inception_weights(inception_weights)  # as does a missing weights file
+    dev = dist.pick_device(device)
+    sink = rank_sink(dist.rank() == 0)
+    fid_kw = {"batch_size": fid_batch_size, "weights": inception_weights}
+    stats = prepare_reference(p, ref, data_root, dev, sink, progress=progress, **fid_kw) if p.score else None
+    outcome = evaluate_models(p, stats, dev, write, progress, **fid_kw)
+    out = None
+    if dist.rank() == 0:
+        out = write_scores(p, outcome, ref, write) if p.score else write_samples_record(p, outcome)
+    return dist.broadcast_object(out)
