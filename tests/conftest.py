@@ -8,7 +8,9 @@ The tests look where the app looks, and this file is the one place that decides 
 - pytorch-fid's Inception weights: torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, else
   ``~/.cache/torch/hub/checkpoints/``), where the app loads them from;
 - then, as one more candidate, the team's shared folder (``../shared`` beside the clone, or
-  ``$FEDRUN_SHARED``).
+  ``$FEDRUN_SHARED``);
+- reference FID statistics: the app's cache of the test split, else the team's, else computed once by
+  the app from 200 test images (``reference_stats``).
 
 ``make test`` first runs ``tests/fetch_assets.py``, which downloads what is missing into the app's
 locations through the app's own download paths. A test whose asset is still missing skips, and the
@@ -30,19 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 MISSING = "missing test asset: "
 """Prefix of the skip reason of a test whose asset is missing (the summary counts them by it)."""
 STATS_IMAGES = 200
-"""Test images behind the computed reference statistics: ~30 s of Inception on 2 CPU cores, once."""
-FULL_STATS = "fashion_mnist_test10k.npz"
-"""Statistics of all 10,000 test images (the team's file, or one a user made with `fedrun fid --save-stats`)."""
+"""Test images behind the computed reference statistics: 30-60 s of Inception on 2 CPU cores, once."""
+SHARED_STATS = "fid_stats/fashion_mnist_test10k.npz"
+"""The team's statistics of all 10,000 test images, under the shared folder."""
 
 
 def shared_dir() -> Path:
     """The team's shared folder: ``$FEDRUN_SHARED``, else ``../shared`` beside the clone."""
     return Path(os.environ.get("FEDRUN_SHARED") or REPO.parent / "shared")
-
-
-def user_cache() -> Path:
-    """fedrun's user cache, ``~/.cache/fedrun`` (the default data root lives in it)."""
-    return Path.home() / ".cache" / "fedrun"
 
 
 def in_ci() -> bool:
@@ -118,14 +115,22 @@ def require(asset: Asset) -> Path:
     pytest.skip(why)
 
 
+def app_stats_path(limit: int | None = None) -> Path:
+    """Where the app caches statistics of the Fashion-MNIST test split (of its first ``limit`` images)."""
+    from evaluation.reference import reference_cache_path, stats_cache_dir
+    from evaluation.sources import parse_source
+
+    return reference_cache_path(parse_source("fashion-mnist:test"), stats_cache_dir(), limit)
+
+
 def computed_stats_path() -> Path:
-    return user_cache() / "fid_stats" / f"fashion-mnist_test_n{STATS_IMAGES}.npz"
+    return app_stats_path(STATS_IMAGES)
 
 
 def find_reference_stats() -> Path | None:
     """Reference statistics already on disk (see ``reference_stats``), or None."""
-    full = (user_cache() / "fid_stats" / FULL_STATS, shared_dir() / "fid_stats" / FULL_STATS)
-    return next((p for p in (*full, computed_stats_path()) if p.is_file()), None)
+    candidates = (app_stats_path(), shared_dir() / SHARED_STATS, computed_stats_path())
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def compute_reference_stats(data_root: Path, torch_home: Path) -> Path:
@@ -149,10 +154,11 @@ def compute_reference_stats(data_root: Path, torch_home: Path) -> Path:
 def reference_stats(data_root: Path, torch_home: Path) -> Path:
     """Reference FID statistics of real Fashion-MNIST test images (mu, sigma in pytorch-fid's .npz).
 
-    All 10,000 test images where such a file exists (``~/.cache/fedrun/fid_stats/`` or the team's
-    ``fid_stats/``); else those of the first ``STATS_IMAGES`` test images, computed once by the app
-    (``fedrun fid --save-stats fashion-mnist:test OUT --num 200``) and cached in
-    ``~/.cache/fedrun/fid_stats/``: all 10,000 would take 30-50 min on CPU.
+    All 10,000 test images where such a file exists (the app's cache, e.g. after ``fedrun eval --ref
+    fashion-mnist:test``, or the team's ``fid_stats/``); else those of the first ``STATS_IMAGES`` test
+    images, computed once by the app (``fedrun fid --save-stats fashion-mnist:test OUT --num 200``) into
+    the app's cache (``$FEDRUN_CACHE``, else ``~/.cache/fedrun``, ``fid_stats/``): all 10,000 would take
+    30-50 min on CPU.
     """
     return find_reference_stats() or compute_reference_stats(data_root, torch_home)
 

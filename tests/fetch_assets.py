@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = assets.find_reference_stats()
     if stats is None:
         print(f"{TAG} computing FID reference statistics of {assets.STATS_IMAGES} Fashion-MNIST test images "
-              f"into {assets.computed_stats_path()} (once, ~30 s on CPU)", flush=True)
+              f"into {assets.computed_stats_path()} (once, about a minute on CPU)", flush=True)
         try:
             stats = assets.compute_reference_stats(data.found, weights.found)
         except Exception as e:  # the app failed: pytest's FID tests will show how

@@ -45,7 +45,7 @@ def outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A user's machine outside the team's layout: empty home, no shared folder, no fedrun/torch env."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FEDRUN_SHARED", str(tmp_path / "shared"))  # absent
-    for name in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "CI"):
+    for name in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "FEDRUN_CACHE", "CI"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(assets, "_missing", {})  # keep this session's own summary clean
     return tmp_path
@@ -122,25 +122,30 @@ def test_reference_stats_prefer_the_full_test_set(outside: Path, monkeypatch: py
     monkeypatch.setattr(assets, "compute_reference_stats", lambda d, t: calls.append((d, t)) or Path("new.npz"))
     assert assets.find_reference_stats() is None
     assert assets.reference_stats(Path("d"), Path("t")) == Path("new.npz") and calls == [(Path("d"), Path("t"))]
+    app_cache = outside / "home" / ".cache" / "fedrun" / "fid_stats"  # the app's reference cache
     computed = assets.computed_stats_path()
+    assert computed == app_cache / "fashion-mnist_test_n200.npz"
     computed.parent.mkdir(parents=True)
     computed.write_bytes(b"")
-    assert assets.reference_stats(Path("d"), Path("t")) == computed and len(calls) == 1
-    (outside / "shared" / "fid_stats").mkdir(parents=True)
-    (outside / "shared" / "fid_stats" / assets.FULL_STATS).write_bytes(b"")
-    assert assets.find_reference_stats() == outside / "shared" / "fid_stats" / assets.FULL_STATS
-    (computed.parent / assets.FULL_STATS).write_bytes(b"")
-    assert assets.find_reference_stats() == computed.parent / assets.FULL_STATS
+    assert assets.reference_stats(Path("d"), Path("t")) == computed and len(calls) == 1  # computed once
+    shared = outside / "shared" / "fid_stats" / "fashion_mnist_test10k.npz"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"")
+    assert assets.find_reference_stats() == shared  # all 10,000 images beat 200
+    (app_cache / "fashion-mnist_test.npz").write_bytes(b"")  # as `fedrun eval --ref fashion-mnist:test` caches
+    assert assets.find_reference_stats() == app_cache / "fashion-mnist_test.npz"
+    monkeypatch.setenv("FEDRUN_CACHE", str(outside / "cache"))
+    assert assets.computed_stats_path() == outside / "cache" / "fid_stats" / "fashion-mnist_test_n200.npz"
 
 
 @pytest.mark.slow
 def test_computed_reference_stats_come_from_the_app_and_are_cached(fmnist_root: Path, torch_home: Path,
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FEDRUN_CACHE", str(tmp_path))
     monkeypatch.setattr(assets, "STATS_IMAGES", 3)  # the real fallback uses 200; the pipeline is the same
     out = assets.compute_reference_stats(fmnist_root, torch_home)
-    assert out == tmp_path / ".cache" / "fedrun" / "fid_stats" / "fashion-mnist_test_n3.npz"
+    assert out == tmp_path / "fid_stats" / "fashion-mnist_test_n3.npz"
     with np.load(out) as f:
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and int(f["n"]) == 3
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
@@ -167,7 +172,7 @@ def _probe_run(root: Path, env: dict[str, str], *args: str) -> subprocess.Comple
     shutil.copy(Path(assets.__file__), clone / "tests" / "conftest.py")
     (clone / "tests" / "test_probe.py").write_text(PROBE)
     base = {k: v for k, v in os.environ.items()
-            if k not in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "CI", "FEDRUN_SHARED")}
+            if k not in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "FEDRUN_CACHE", "CI", "FEDRUN_SHARED")}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "tests"],
                           cwd=clone, env={**base, "HOME": str(root / "home"), **env}, capture_output=True,
                           text=True, timeout=120)
