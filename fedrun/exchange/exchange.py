@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
-from fedrun.exchange.layout import Bucket, Layout, accumulation_dtype, layout_key, signature
+from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
 from fedrun.exchange.reference import GroupReference, Reference
 from fedrun.exchange.server import fedavg, write_back
 from fedrun.exchange.transport import Transport, wait_all
@@ -113,6 +113,7 @@ class Exchange:
         self.packed_layout: Layout | None = None
         """The layout of the last packed sync (its own buffer), kept while the next ones match it."""
         self._in_place: dict[tuple, Layout] = {}  # (groups, wire dtype) -> aliased layout of ``adopted``
+        self._in_place_sig: dict[tuple[str, ...], Signature] = {}  # groups -> signature of the adopted run
         self._names_of: dict[tuple[str, ...], list[str]] = {}
 
     @property
@@ -140,7 +141,7 @@ class Exchange:
         adopted = adopt_parameters(module, self.named_groups)
         if adopted is None:
             return False
-        self.adopted, self._in_place = adopted, {}
+        self.adopted, self._in_place, self._in_place_sig = adopted, {}, {}
         return True
 
     @torch.no_grad()
@@ -161,9 +162,11 @@ class Exchange:
         hosted = sorted(client_params)
         first = self._first(share.groups, client_params[hosted[0]])
         device = (first or list(client_params[hosted[0]].values()))[0].device
-        refs = self._references(share.groups, first, device)
+        run = self._adopted_run(share.groups, first, len(hosted))
+        sig = self._signature(share.groups, first, run)
+        refs = self._references(share.groups, sig, accumulation_dtype(first), device)
         update = choose_update(self.exchange_dtype, refs is not None)
-        layout = self._layout(share.groups, first, len(hosted), update, device)
+        layout = self._layout(share.groups, first, sig, update, device, run)
         # Every hosted client receives every shared group: check them all before the first collective.
         sources = {k: first if i == 0 else self._client(layout, k, client_params[k]) for i, k in enumerate(hosted)}
         tol = slot_tolerance(layout.wire.dtype)
@@ -191,15 +194,15 @@ class Exchange:
         return SyncStats(nbytes, time.perf_counter() - start, len(handles), share.groups)
 
     # -- stages, per sync ---------------------------------------------------------------------------------
-    def _references(self, groups: tuple[str, ...], first: list[Tensor],
+    def _references(self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype,
                     device: torch.device) -> list[GroupReference] | None:
         """bf16: every shared group's reference, laid out like its run; None unless all of them exist."""
         if self.exchange_dtype != "bf16":
             return None
-        dtype, pos, refs = accumulation_dtype(first), 0, []
+        pos, refs = 0, []
         for g in groups:
             count = len(self.named_groups[g])
-            ref = self.reference.get(g, signature(first[pos : pos + count]), dtype, device)
+            ref = self.reference.get(g, sig[pos : pos + count], dtype, device)
             if ref is None:
                 return None
             refs.append(ref)
@@ -232,21 +235,34 @@ class Exchange:
                 write_back(part, new, views, clients, layout.aliased)
 
     # -- layouts and clients ----------------------------------------------------------------------------
-    def _layout(self, groups: tuple[str, ...], first: list[Tensor], nhosted: int, update: Update,
-                device: torch.device) -> Layout:
-        """The aliased layout when the only hosted client is the adopted module, else the packed one
-        (rebuilt only when its key changes)."""
+    def _adopted_run(self, groups: tuple[str, ...], first: list[Tensor], nhosted: int) -> Tensor | None:
+        """The run of the adopted flat tensor that holds ``groups``, when the only hosted client is the
+        adopted module (then the sync works in place), else None."""
+        if nhosted != 1 or self.adopted is None:
+            return None
+        run = self.adopted.run(groups)
+        return run if run is not None and self.adopted.holds(self._names(groups), first) else None
+
+    def _signature(self, groups: tuple[str, ...], first: list[Tensor], run: Tensor | None) -> Signature:
+        """``signature(first)``; in place it cannot change, so it is made once per set of groups."""
+        if run is None:
+            return signature(first)
+        if groups not in self._in_place_sig:
+            self._in_place_sig[groups] = signature(first)
+        return self._in_place_sig[groups]
+
+    def _layout(self, groups: tuple[str, ...], first: list[Tensor], sig: Signature, update: Update,
+                device: torch.device, run: Tensor | None) -> Layout:
+        """The aliased layout of the adopted ``run``, else the packed one (rebuilt only when its key changes)."""
         wire = update.wire_dtype
-        if nhosted == 1 and self.adopted is not None:
-            run = self.adopted.run(groups)
-            if run is not None and self.adopted.holds(self._names(groups), first):
-                key = (groups, wire)
-                if key not in self._in_place:
-                    self._in_place[key] = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device,
-                                                 buffer=run)
-                return self._in_place[key]
-        if self.packed_layout is None or self.packed_layout.key != layout_key(groups, first, wire):
-            self.packed_layout = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device)
+        if run is not None:
+            key = (groups, wire)
+            if key not in self._in_place:
+                self._in_place[key] = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device,
+                                             buffer=run, sig=sig)
+            return self._in_place[key]
+        if self.packed_layout is None or self.packed_layout.key != layout_key(groups, first, sig, wire):
+            self.packed_layout = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device, sig=sig)
         return self.packed_layout
 
     def _names(self, groups: tuple[str, ...]) -> list[str]:

@@ -123,10 +123,12 @@ class Bucket:
     parts: tuple[Part, ...]
 
 
-def layout_key(groups: tuple[str, ...], first: Sequence[Tensor], wire_dtype: torch.dtype | None) -> tuple:
-    """What a packed layout depends on: a cached one serves a later sync with the same key."""
+def layout_key(groups: tuple[str, ...], first: Sequence[Tensor], sig: Signature,
+               wire_dtype: torch.dtype | None) -> tuple:
+    """What a packed layout depends on (``sig``: ``signature(first)``): a cached one serves a later sync
+    with the same key."""
     device = first[0].device if first else None
-    return groups, wire_dtype, device, signature(first), tuple(t.dtype for t in first)
+    return groups, wire_dtype, device, sig, tuple(t.dtype for t in first)
 
 
 class Layout:
@@ -141,15 +143,16 @@ class Layout:
         bucket_bytes: bytes on the wire per bucket; None = one bucket.
         device: where the buffer lives.
         buffer: an adopted run (then ``aliased``: the only hosted client is this buffer); None = allocate.
+        sig: ``signature(first)`` when the caller has it.
     """
 
     def __init__(self, groups: tuple[str, ...], named_groups: Mapping[str, Sequence[str]], first: Sequence[Tensor],
                  wire_dtype: torch.dtype | None, bucket_bytes: int | None, device: torch.device,
-                 buffer: Tensor | None = None) -> None:
+                 buffer: Tensor | None = None, sig: Signature | None = None) -> None:
         self.groups = groups
-        self.key = layout_key(groups, first, wire_dtype)
+        self.signature = signature(first) if sig is None else sig
+        self.key = layout_key(groups, first, self.signature, wire_dtype)
         self.names = tuple(n for g in groups for n in named_groups[g])
-        self.signature = signature(first)
         sizes = [s.numel() for s, _ in self.signature]
         numel, ns = sum(sizes), len(groups)
         self.aliased = buffer is not None
