@@ -8,8 +8,8 @@ import torch
 
 from fedrun.exchange.layout import Layout, signature
 from fedrun.exchange.reference import Reference
-from fedrun.exchange.server import fedavg, write_back
-from fedrun.exchange.update import BF16_CHANGES, VALUES, accumulate, choose_update, slot_tolerance
+from fedrun.exchange.server import FedAvg, write_back
+from fedrun.exchange.update import BF16_CHANGES, VALUES, choose_update, slot_tolerance
 
 U = "decoder"
 CPU = torch.device("cpu")
@@ -33,9 +33,9 @@ def test_values_weighted_sum_by_hand():
     # p = (1/4, 3/4): 1/4 * [1, 2] + 3/4 * [3, 6] = [2.5, 5]
     lay, part = one_part([0.0, 0.0])
     sources = {0: [torch.tensor([1.0, 2.0])], 1: [torch.tensor([3.0, 6.0])]}
-    accumulate(lay, part, [(0, 0.25), (1, 0.75)], sources, None)
+    VALUES.accumulate(lay, part, [(0, 0.25), (1, 0.75)], sources, None)
     assert part.seg.tolist() == [2.5, 5.0] and part.wire is part.seg
-    accumulate(lay, part, [], sources, None)  # no hosted contributor: this rank adds zeros
+    VALUES.accumulate(lay, part, [], sources, None)  # no hosted contributor: this rank adds zeros
     assert part.seg.tolist() == [0.0, 0.0]
     assert sources[0][0].tolist() == [1.0, 2.0]  # the clients are only read
 
@@ -46,12 +46,12 @@ def test_bf16_change_round_trip_by_hand():
     theta0 = ref + torch.tensor([2.0**-10, -(2.0**-9)])
     theta1 = ref + torch.tensor([3 * 2.0**-10, 0.0])
     lay, part = one_part([0.0, 0.0], torch.bfloat16)
-    accumulate(lay, part, [(0, 0.5), (1, 0.5)], {0: [theta0], 1: [theta1]}, ref)
+    BF16_CHANGES.accumulate(lay, part, [(0, 0.5), (1, 0.5)], {0: [theta0], 1: [theta1]}, ref)
     # 1/2 (theta0 - ref) + 1/2 (theta1 - ref) = [2^-11 + 3 * 2^-11, -2^-10] = [2^-9, -2^-10]: exact in bf16
     assert part.wire.dtype == torch.bfloat16 and part.wire.float().tolist() == [2.0**-9, -(2.0**-10)]
     # after the (here trivial) all-reduce: the buffer gets the average change, the server adds it to ref
-    part.seg.copy_(part.wire)
-    new = fedavg(part.seg, ref, changes=True)
+    BF16_CHANGES.decode(part)
+    new = FedAvg().step(part.seg, ref, changes=True)
     assert new is ref and ref.tolist() == [10.0 + 2.0**-9, 10.0 - 2.0**-10]
     assert torch.tensor([10.0 + 2.0**-9]).bfloat16().item() == 10.0  # what sending values would have given
 
@@ -60,19 +60,19 @@ def test_bf16_change_rounds_once_to_8_significant_bits():
     # change 2^-10 (1 + 2^-8) needs 9 significant bits: halfway between two bf16 numbers, rounded to even
     ref = torch.tensor([0.5])
     lay, part = one_part([0.0], torch.bfloat16)
-    accumulate(lay, part, [(0, 1.0)], {0: [ref + (2.0**-10 + 2.0**-18)]}, ref)
+    BF16_CHANGES.accumulate(lay, part, [(0, 1.0)], {0: [ref + (2.0**-10 + 2.0**-18)]}, ref)
     assert part.seg.item() == 2.0**-10 + 2.0**-18  # the change itself is exact in fp32
     assert part.wire.float().item() == 2.0**-10  # error 2^-18 = half a unit in the last place (2^-8 relative)
 
 
 def test_server_fedavg_by_hand():
-    avg = torch.tensor([2.5, 5.0])
-    assert fedavg(avg, None, changes=False) is avg  # values: the new value is the average
+    server, avg = FedAvg(), torch.tensor([2.5, 5.0])
+    assert server.step(avg, None, changes=False) is avg  # values: the new value is the average
     ref = torch.zeros(2)
-    assert fedavg(avg, ref, changes=False) is avg and ref.tolist() == [2.5, 5.0]  # ... and the next reference
-    assert fedavg(torch.tensor([0.5, -1.0]), ref, changes=True).tolist() == [3.0, 4.0]  # ref + average change
+    assert server.step(avg, ref, changes=False) is avg and ref.tolist() == [2.5, 5.0]  # ... and the next reference
+    assert server.step(torch.tensor([0.5, -1.0]), ref, changes=True).tolist() == [3.0, 4.0]  # ref + average change
     with pytest.raises(ValueError, match="no reference"):
-        fedavg(avg, None, changes=True)
+        server.step(avg, None, changes=True)
 
 
 def test_write_back_into_every_client():

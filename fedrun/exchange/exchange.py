@@ -32,9 +32,9 @@ from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
 from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
 from fedrun.exchange.reference import GroupReference, Reference
-from fedrun.exchange.server import fedavg, write_back
+from fedrun.exchange.server import FedAvg, write_back
 from fedrun.exchange.transport import Transport, wait_all
-from fedrun.exchange.update import Update, accumulate, choose_update, slot_tolerance
+from fedrun.exchange.update import Update, choose_update, slot_tolerance
 from fedrun.exchange.weights import RankShare, WeightSumError, check_weight_sums, data_shares, rank_share
 from fedrun.methods import GROUPS, RoundPlan
 
@@ -106,6 +106,7 @@ class Exchange:
         self.exchange_dtype = exchange_dtype
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
         self.transport = Transport(group)
+        self.server = FedAvg()
         self.reference = Reference(self.named_groups)
         """bf16: the last averaged value of every shared parameter, identical on every rank."""
         self.adopted: Adopted | None = None
@@ -173,7 +174,7 @@ class Exchange:
         alone = self.world_size == 1
         if alone:  # the local slots are the sums: check them before anything is written
             check_weight_sums(plan.round, share.groups, share.slots, tol, written=False)
-        handles = self.transport.send(layout.buckets, partial(self._fill, layout, share, sources, refs))
+        handles = self.transport.send(layout.buckets, partial(self._fill, layout, update, share, sources, refs))
         written = layout.aliased
         try:
             wait_all(handles)
@@ -209,12 +210,12 @@ class Exchange:
             pos += count
         return refs
 
-    def _fill(self, layout: Layout, share: RankShare, sources: Mapping[int, list[Tensor]],
+    def _fill(self, layout: Layout, update: Update, share: RankShare, sources: Mapping[int, list[Tensor]],
               refs: list[GroupReference] | None, bucket: Bucket) -> None:
         """Stage 2 for one bucket: every part's weighted update, then (last bucket) the weight slots."""
         for part in bucket.parts:
             ref = None if refs is None else refs[part.group].flat[part.glo : part.glo + part.hi - part.lo]
-            accumulate(layout, part, share.contributors[part.group], sources, ref)
+            update.accumulate(layout, part, share.contributors[part.group], sources, ref)
         if bucket is layout.buckets[-1]:
             layout.wire_slots.copy_(torch.tensor(share.slots, dtype=torch.float64))
 
@@ -226,11 +227,10 @@ class Exchange:
                     for i, g in enumerate(layout.groups)]
         for bucket in layout.buckets:
             for part in bucket.parts:
-                if part.wire is not part.seg:
-                    part.seg.copy_(part.wire)  # bf16 -> buffer dtype: exact
+                update.decode(part)
                 ref = refs[part.group] if refs is not None else None
                 ref_seg = None if ref is None else ref.flat[part.glo : part.glo + part.hi - part.lo]
-                new = fedavg(part.seg, ref_seg, update.changes)
+                new = self.server.step(part.seg, ref_seg, update.changes)
                 views = part.views if new is part.seg else ref.views[part.gfirst : part.gfirst + part.stop - part.first]
                 write_back(part, new, views, clients, layout.aliased)
 

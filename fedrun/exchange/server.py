@@ -6,8 +6,8 @@ ends with the identical new value, bit for bit. Today's rule is plain FedAvg:
     values sent:   theta_new = sum_k p_k,g theta_k                     (= the average)
     changes sent:  theta_new = ref + sum_k p_k,g (theta_k - ref)       (ref <- theta_new)
 
-A server optimiser (FedAvgM, FedAdam) plugs in here: it would step ref along the pseudo-gradient
-ref - average with its state laid out like the reference (``fedrun.exchange.reference``).
+A server optimiser (FedAvgM, FedAdam) plugs in here as another class with ``step``: it would move ref
+along the pseudo-gradient ref - average, its state laid out like the reference (``fedrun.exchange.reference``).
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from torch import Tensor
 from fedrun.exchange.layout import Part
 
 
-def fedavg(average: Tensor, ref: Tensor | None, changes: bool) -> Tensor:
-    """The new value of a part, in place: with ``changes`` ``ref += average`` and ``ref`` is returned;
-    else ``average`` is, and ``ref`` (when given) becomes a copy of it, the next sync's reference."""
-    if changes:
-        if ref is None:
-            raise ValueError("fedavg: changes were sent but there is no reference to add them to")
-        return ref.add_(average)
-    if ref is not None:
-        ref.copy_(average)
-    return average
+class FedAvg:
+    """Plain FedAvg: the new value is the average (values sent) or ref + average change (changes sent)."""
+
+    def step(self, average: Tensor, ref: Tensor | None, changes: bool) -> Tensor:
+        """The new value of a part, in place: with ``changes`` ``ref += average`` and ``ref`` is returned;
+        else ``average`` is, and ``ref`` (when given) becomes a copy of it, the next sync's reference."""
+        if changes:
+            if ref is None:
+                raise ValueError("FedAvg.step: changes were sent but there is no reference to add them to")
+            return ref.add_(average)
+        if ref is not None:
+            ref.copy_(average)
+        return average
 
 
 def write_back(part: Part, new: Tensor, new_views: Sequence[Tensor], clients: Sequence[Sequence[Tensor]],

@@ -3,8 +3,9 @@
     values:   u_k = theta_k          (fp32 exchange; and bf16 exchange while there is no reference)
     changes:  u_k = theta_k - ref    (bf16 exchange once every shared group has a reference)
 
-``accumulate`` writes sum_{k hosted} p_k,g u_k into a part of the layout's buffer, in the buffer's dtype,
-and rounds it once into the wire: summed over the ranks that is the average update sum_{k in C_g} p_k,g u_k.
+``Update.accumulate`` writes sum_{k hosted} p_k,g u_k into a part of the layout's buffer, in the buffer's
+dtype, and rounds it once into the wire: summed over the ranks that is the average update
+sum_{k in C_g} p_k,g u_k.
 
 Why changes in bf16: bf16 keeps 8 significant bits, so sending the weights themselves would perturb every
 shared parameter by up to 2^-8 of its magnitude each round (half a unit in the last place). The change
@@ -26,12 +27,54 @@ from fedrun.exchange.layout import Layout, Part
 
 @dataclass(frozen=True)
 class Update:
-    """What a client sends: its values, or its change against the reference, and in which dtype."""
+    """What a client sends, weighted: its values, or its change against the reference, and in which dtype.
+    A new kind of update (quantised with error feedback, masked) is a new instance or subclass."""
 
     changes: bool
     """u_k = theta_k - ref (else theta_k)."""
     wire_dtype: torch.dtype | None
     """dtype on the wire; None = the buffer's (at least fp32)."""
+
+    def accumulate(self, layout: Layout, part: Part, contributors: Sequence[tuple[int, float]],
+                   sources: Mapping[int, Sequence[Tensor]], ref: Tensor | None) -> None:
+        """part.seg = sum_k p_k u_k over ``contributors`` (client, p_k), theta_k = the part's parameters of
+        ``sources[k]`` (layout order), ``ref`` the part's reference (with ``changes``); then part.wire =
+        part.seg rounded once to the wire's dtype. No contributor: the wire gets zeros.
+
+        Rounding, identical on every path and for every bucketing: the first contributor's update is made
+        in the buffer (copy, subtract, scale: each exact per element), later ones parameter by parameter
+        (one add with alpha each). An aliased layout's client *is* the buffer, so its copy is skipped.
+        """
+        if self.changes and ref is None:
+            raise ValueError("changes need the reference of the part")
+        if not contributors:
+            part.wire.zero_()
+            return
+        ref = ref if self.changes else None
+        seg, views = part.seg, part.views
+        for j, (k, p) in enumerate(contributors):
+            src = sources[k][part.first : part.stop]
+            if j == 0:
+                if not layout.aliased:
+                    torch._foreach_copy_(views, src)
+                if ref is not None:
+                    seg.sub_(ref)
+                if p != 1:  # x * 1 is x, bit for bit
+                    seg.mul_(p)
+            elif ref is None:
+                torch._foreach_add_(views, src, alpha=p)
+            else:  # (theta_k - ref) first, in the buffer's dtype: small changes survive the cast
+                scratch, scratch_views = layout.scratch(part)
+                torch._foreach_copy_(scratch_views, src)
+                scratch.sub_(ref)
+                torch._foreach_add_(views, scratch_views, alpha=p)
+        if part.wire is not seg:
+            part.wire.copy_(seg)  # one rounding, even on one rank (same-dtype ops before: mixed ones are slow)
+
+    def decode(self, part: Part) -> None:
+        """After the all-reduce: the part's average update from the wire into the buffer (exact)."""
+        if part.wire is not part.seg:
+            part.seg.copy_(part.wire)
 
 
 VALUES = Update(changes=False, wire_dtype=None)
@@ -47,37 +90,3 @@ def choose_update(exchange_dtype: str, has_reference: bool) -> Update:
 def slot_tolerance(wire_dtype: torch.dtype) -> float:
     """How far from 1 the summed weight slots may be on this wire (bf16 keeps 8 significant bits)."""
     return 1e-2 if wire_dtype == torch.bfloat16 else 1e-5
-
-
-def accumulate(layout: Layout, part: Part, contributors: Sequence[tuple[int, float]],
-               sources: Mapping[int, Sequence[Tensor]], ref: Tensor | None) -> None:
-    """part.seg = sum_k p_k (theta_k - ref) over ``contributors`` (client, p_k), theta_k = the part's
-    parameters of ``sources[k]`` (layout order); ``ref`` None: u_k = theta_k. Then part.wire = part.seg
-    rounded once to the wire's dtype. No contributor: the wire gets zeros.
-
-    Rounding, identical on every path and for every bucketing: the first contributor's update is made
-    in the buffer (copy, subtract, scale: each exact per element), later ones parameter by parameter
-    (one add with alpha each). An aliased layout's client *is* the buffer, so its copy is skipped.
-    """
-    if not contributors:
-        part.wire.zero_()
-        return
-    seg, views = part.seg, part.views
-    for j, (k, p) in enumerate(contributors):
-        src = sources[k][part.first : part.stop]
-        if j == 0:
-            if not layout.aliased:
-                torch._foreach_copy_(views, src)
-            if ref is not None:
-                seg.sub_(ref)
-            if p != 1:  # x * 1 is x, bit for bit
-                seg.mul_(p)
-        elif ref is None:
-            torch._foreach_add_(views, src, alpha=p)
-        else:  # (theta_k - ref) first, in the buffer's dtype: small changes survive the cast
-            scratch, scratch_views = layout.scratch(part)
-            torch._foreach_copy_(scratch_views, src)
-            scratch.sub_(ref)
-            torch._foreach_add_(views, scratch_views, alpha=p)
-    if part.wire is not seg:
-        part.wire.copy_(seg)  # one rounding to bf16, even on one rank (same-dtype ops before: mixed ones are slow)
