@@ -84,7 +84,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"invalid --config={str(path)!r}: file not found")
-        cfg = RunConfig.from_json(path.read_text())
+        try:
+            cfg = RunConfig.from_json(path.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"invalid --config={str(path)!r}: not a JSON text file") from None
+        except ConfigError as e:  # the file, then what is wrong in it
+            raise ConfigError(f"--config {path}: {e}") from None
     else:
         cfg = get_preset(args.preset)
     overrides: dict[str, Any] = {}

@@ -9,6 +9,8 @@ torch (``fedrun --help`` is instant); a command imports what it needs when it ru
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -84,23 +86,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str, code: int) -> int:
+    print(f"fedrun: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return code
+
+
+# What follows a collective's own message in torch/gloo errors: advice for torch developers, not for a user.
+_TORCH_NOISE = re.compile(r"\s*(This is typically caused by|Exception raised from|GLHF).*$", re.DOTALL)
+_TORCH_WHERE = re.compile(r"^\[[^\]]*\]\s*")  # '[/__w/pytorch/.../pair.cc:561] ' before gloo's message
+
+
+def run_failure(e: BaseException) -> str | None:
+    """The one line for a run that stopped for a reason outside the code, or None (a bug keeps its traceback).
+
+    Such reasons: ranks that disagree at start-up (``fedrun.dist.SignatureMismatchError``), and the process
+    group failing: a peer rank that died, stopped answering within ``dist_timeout_s``, or never joined. Torch is
+    only consulted when a command already imported it (the error cannot come from it otherwise).
+    """
+    fdist = sys.modules.get("fedrun.dist")
+    if fdist is not None and isinstance(e, fdist.SignatureMismatchError):
+        return str(e)
+    tdist = sys.modules.get("torch.distributed")
+    text = _TORCH_WHERE.sub("", _TORCH_NOISE.sub("", " ".join(str(e).split()))).rstrip(".")
+    if tdist is None or not (isinstance(e, tdist.DistError) or re.search(r"gloo|nccl", str(e), re.IGNORECASE)):
+        return None
+    rank = f"rank {os.environ.get('RANK', '0')}"
+    resume = "start the same command on every rank again to resume from the newest checkpoint"
+    if isinstance(e, tdist.DistStoreError) or "waiting for clients" in text:
+        return (f"{rank}: the process group did not form ({text}): start every rank with the same WORLD_SIZE, "
+                f"MASTER_ADDR and MASTER_PORT within dist_timeout_s")
+    if re.search(r"timed out|timeout", text, re.IGNORECASE):
+        return f"{rank}: a peer rank stopped answering ({text}; dist_timeout_s sets the wait): {resume}"
+    if re.search(r"closed by peer|reset by peer|broken pipe|connection refused", text, re.IGNORECASE):
+        return f"{rank}: lost contact with a peer rank ({text}); it probably crashed, see its log: {resume}"
+    return f"{rank}: the process group failed ({text}): {resume}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``fedrun`` command: 0 on success; 2 for a bad input (one line); 1 for a run that failed (one line
+    when the reason lies outside the code, see ``run_failure``; a bug keeps its traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"fedrun: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e), 2)
     except FileNotFoundError as e:
         # Missing data / weights: the message says what to put where; no traceback.
         if type(e).__name__ in ("DataNotFoundError", "WeightsNotFoundError"):
-            print(f"fedrun: error: {e}", file=sys.stderr)
-            return 2
+            return _error(str(e), 2)
         raise
     except KeyboardInterrupt:
         print("fedrun: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        line = run_failure(e)
+        if line is None:
+            raise
+        return _error(line, 1)
 
 
 if __name__ == "__main__":

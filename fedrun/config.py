@@ -1,8 +1,9 @@
 """Typed run configuration: a tree of small dataclasses, overrides, JSON (named presets: ``fedrun.presets``).
 
-Every field is validated in ``__post_init__`` so a bad value fails before any process starts,
-with one line naming the field and what is allowed (``ConfigError``). Nothing here imports torch: the CLI
-builds and checks a config before it decides whether a command needs torch at all.
+Every field is validated in ``__post_init__`` (its declared type first, then its range) so a bad value fails
+before any process starts, with one line naming the field and what is allowed (``ConfigError``; the checks live
+in ``fedrun.validation``). Nothing here imports torch: the CLI builds and checks a config before it decides
+whether a command needs torch at all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from fedrun.methods import METHOD_NAMES, USPLIT_TRAIN
 from fedrun.partition import KINDS as PARTITIONS
+from fedrun.validation import ConfigError, check, check_types, choice  # ConfigError: imported from here too
 from unet import ARCHS  # torch-free: unet's names are lazy
 
 # Choice lists this module owns (the others come from the module that gives them meaning, above).
@@ -30,20 +32,6 @@ EXCHANGE_DTYPES = ("fp32", "bf16")
 """What the exchange may send: fp32, or bf16 (half the bytes); ``fedrun.exchange`` imports it from here."""
 AMP_DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message is one line naming field and allowed values."""
-
-
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"invalid {name}={value!r}: {allowed}")
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, name, value, "allowed: " + ", ".join(choices))
 
 
 def default_data_root() -> str:
@@ -61,12 +49,13 @@ class ModelConfig:
     """Dropout in the ResNet blocks of 'ddpm-unet' (ignored by 'paper-unet')."""
 
     def __post_init__(self) -> None:
-        _choice("model.arch", self.arch, ARCHS)
+        check_types(self, "model.")
+        choice("model.arch", self.arch, ARCHS)
         if self.dim_mults is not None:
             self.dim_mults = tuple(int(m) for m in self.dim_mults)
-            _check(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
+            check(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
                    "model.dim_mults", self.dim_mults, "a non-empty list of positive integers")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "allowed: 0 <= dropout < 1")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "allowed: 0 <= dropout < 1")
 
 
 @dataclass
@@ -81,10 +70,11 @@ class DiffusionConfig:
     """Training loss on the predicted noise: 'huber' (the paper's code) or 'l2' (Ho et al.)."""
 
     def __post_init__(self) -> None:
-        _check(self.timesteps >= 1, "diffusion.timesteps", self.timesteps, "allowed: an integer >= 1")
-        _check(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
+        check_types(self, "diffusion.")
+        check(self.timesteps >= 1, "diffusion.timesteps", self.timesteps, "allowed: an integer >= 1")
+        check(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
                (self.beta_start, self.beta_end), "allowed: 0 < beta_start < beta_end < 1")
-        _choice("diffusion.loss", self.loss, LOSSES)
+        choice("diffusion.loss", self.loss, LOSSES)
 
 
 @dataclass
@@ -113,20 +103,21 @@ class DataConfig:
     (the device when they take at most half of its free memory, else the host)."""
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
-        _choice("data.placement", self.placement, PLACEMENTS)
-        _choice("data.partition", self.partition, PARTITIONS)
-        _check(self.beta > 0, "data.beta", self.beta, "allowed: beta > 0")
-        _check(self.min_per_client >= 1, "data.min_per_client", self.min_per_client, "allowed: >= 1")
-        _check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
+        check_types(self, "data.")
+        choice("data.dataset", self.dataset, DATASETS)
+        choice("data.placement", self.placement, PLACEMENTS)
+        choice("data.partition", self.partition, PARTITIONS)
+        check(self.beta > 0, "data.beta", self.beta, "allowed: beta > 0")
+        check(self.min_per_client >= 1, "data.min_per_client", self.min_per_client, "allowed: >= 1")
+        check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
                "allowed: a positive integer or none")
-        _check(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size,
+        check(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size,
                "allowed: an integer >= 8 or none")
         if self.dataset == "imagefolder":
-            _check(bool(self.client_data) and "{client}" in self.client_data, "data.client_data",
+            check(bool(self.client_data) and "{client}" in self.client_data, "data.client_data",
                    self.client_data, "imagefolder needs a path template containing '{client}'")
         elif self.client_data is not None:
-            _check("{client}" in self.client_data, "data.client_data", self.client_data,
+            check("{client}" in self.client_data, "data.client_data", self.client_data,
                    "a path template containing '{client}'")
 
 
@@ -150,14 +141,17 @@ class FederationConfig:
     """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
 
     def __post_init__(self) -> None:
-        _check(self.clients >= 1, "federation.clients", self.clients, "allowed: an integer >= 1")
-        _choice("federation.method", self.method, METHOD_NAMES)
-        _check(self.rounds >= 1, "federation.rounds", self.rounds, "allowed: an integer >= 1")
-        _check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
-        _check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",
+        check_types(self, "federation.")
+        check(self.clients >= 1, "federation.clients", self.clients, "allowed: an integer >= 1")
+        choice("federation.method", self.method, METHOD_NAMES)
+        check(self.rounds >= 1, "federation.rounds", self.rounds, "allowed: an integer >= 1")
+        check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
+        check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",
                self.max_local_steps, "allowed: a positive integer or none")
-        _choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
-        _choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
+        choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
+        choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
+        # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
+        check(0 <= self.seed < 2**32, "federation.seed", self.seed, "allowed: an integer from 0 to 2**32 - 1")
 
 
 @dataclass
@@ -176,11 +170,12 @@ class OptimConfig:
     """torch.compile the model for the local step."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", self.lr, "allowed: > 0")
-        _check(self.batch_size >= 1, "optim.batch_size", self.batch_size, "allowed: an integer >= 1")
-        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "optim.ema_decay", self.ema_decay,
+        check_types(self, "optim.")
+        check(self.lr > 0, "optim.lr", self.lr, "allowed: > 0")
+        check(self.batch_size >= 1, "optim.batch_size", self.batch_size, "allowed: an integer >= 1")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "optim.ema_decay", self.ema_decay,
                "allowed: 0 < decay < 1 or none")
-        _choice("optim.amp", self.amp, AMP_DTYPES)
+        choice("optim.amp", self.amp, AMP_DTYPES)
 
 
 @dataclass
@@ -219,16 +214,22 @@ class RunConfig:
     """The preset this config started from (informational)."""
 
     def __post_init__(self) -> None:
-        _check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "allowed: >= 1")
-        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "allowed: >= 1")
-        _check(self.sample_every >= 0, "sample_every", self.sample_every, "allowed: >= 0")
-        _check(self.num_samples >= 1, "num_samples", self.num_samples, "allowed: >= 1")
-        _check(self.sample_steps is None or self.sample_steps >= 1, "sample_steps", self.sample_steps,
+        check_types(self, "")
+        check(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "allowed: >= 1")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "allowed: >= 1")
+        check(self.sample_every >= 0, "sample_every", self.sample_every, "allowed: >= 0")
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "allowed: >= 1")
+        check(self.sample_steps is None or self.sample_steps >= 1, "sample_steps", self.sample_steps,
                "allowed: a positive integer or none")
-        _check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
-        _check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
-        _choice("device", self.device.split(":")[0], DEVICES)
-        _check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
+        check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
+        check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
+        choice("device", self.device.split(":")[0], DEVICES)
+        check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
+        if self.name is not None:
+            # The run directory stays inside out_dir: a name is a relative path without '..'.
+            name = Path(self.name)
+            check(bool(name.parts) and not name.is_absolute() and ".." not in name.parts, "name", self.name,
+                   "allowed: a folder name inside out_dir (not absolute, no '..'), e.g. my-run")
 
     # -- derived -----------------------------------------------------------------------------
     def run_dir(self) -> Path:
@@ -254,7 +255,11 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return cls.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +360,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _from_dict(cls: Any, d: dict[str, Any], prefix: str) -> Any:
+def _from_dict(cls: Any, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        what = f"{prefix}* fields" if prefix else "config sections"
+        raise ConfigError(f"invalid {prefix.rstrip('.') or 'config'}={d!r}: expected a JSON object of {what}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
@@ -365,8 +373,8 @@ def _from_dict(cls: Any, d: dict[str, Any], prefix: str) -> Any:
     for k, v in d.items():
         t = hints[k]
         if dataclasses.is_dataclass(t):
-            kwargs[k] = _from_dict(t, v or {}, prefix + k + ".")
-        elif typing.get_origin(t) in (types.UnionType, typing.Union) and isinstance(v, list):
+            kwargs[k] = _from_dict(t, v, prefix + k + ".")
+        elif isinstance(v, list) and any(typing.get_origin(a) is tuple for a in typing.get_args(t)):
             kwargs[k] = tuple(v)
         else:
             kwargs[k] = _parse_value(v, t, prefix + k) if isinstance(v, str) and t is not str else v

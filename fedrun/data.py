@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from fedrun.config import TORCHVISION_DATASETS, DataConfig
-from fedrun.images import ClientData, DataNotFoundError, load_image_folder, resize_images
-from fedrun.partition import partition
+from fedrun.images import ClientData, DataError, DataNotFoundError, load_image_folder, resize_images
+from fedrun.partition import PartitionError, partition
 
 # (channels, native image size) of every data set; imagefolder images are converted to this shape
 # unless told otherwise, so that every client of a real deployment feeds the same model.
@@ -132,18 +132,44 @@ def _not_found(name: str, root: str, download_error: str | None = None) -> DataN
 
 
 def _torchvision(name: str, root: str, download: bool, make):
-    """Build a torchvision data set, turning its missing-file and download errors into ours."""
+    """Build a torchvision data set, turning its missing-file and download errors into ours.
+
+    A failed download leaves no empty folders behind (torchvision makes the data set's folders first): a
+    retry, or a look at the data root, then shows what is really there.
+    """
+    made = _missing_folders(Path(root) / _LAYOUT[name][1])
     try:
         return make()
     except RuntimeError as e:
         msg = str(e)
         if "not found" in msg.lower() or "download" in msg.lower():
+            _remove_empty(made)
             raise _not_found(name, root, msg if download else None) from None
         raise
     except OSError as e:  # e.g. URLError: no internet during download=True
         if download:
+            _remove_empty(made)
             raise _not_found(name, root, str(e)) from None
         raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        out.append(p)
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are empty; anything written into one keeps it."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:  # not empty (a partial download stays for a look), or gone already
+            break
 
 
 def _check_name(name: str) -> None:
@@ -284,14 +310,22 @@ def load_client_data(
         image_size=data_cfg.image_size,
         subset=data_cfg.subset,
     )
-    parts = partition(
-        full.labels.numpy(),
-        num_clients,
-        data_cfg.partition,
-        beta=data_cfg.beta,
-        seed=seed,
-        min_per_client=data_cfg.min_per_client,
-    )
+    try:
+        parts = partition(
+            full.labels.numpy(),
+            num_clients,
+            data_cfg.partition,
+            beta=data_cfg.beta,
+            seed=seed,
+            min_per_client=data_cfg.min_per_client,
+        )
+    except PartitionError as e:  # the config's names for what partition() calls its arguments
+        given = [f"data.partition={data_cfg.partition}"]
+        if data_cfg.partition != "iid":
+            given += [f"data.beta={data_cfg.beta}", f"data.min_per_client={data_cfg.min_per_client}"]
+        given += [f"data.subset={data_cfg.subset}"] if data_cfg.subset else []
+        raise DataError(f"cannot split {len(full)} {data_cfg.dataset} training examples over federation.clients="
+                        f"{num_clients} ({', '.join(given)}): {e}") from None
     data = {}
     for c in ids:
         idx = torch.from_numpy(parts[c])

@@ -20,6 +20,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.rendezvous import rendezvous
 
+from fedrun.config import DEVICES, ConfigError
+
+
+class DeviceNotAvailableError(ConfigError, RuntimeError):
+    """The config asks for a device this machine lacks (cuda without CUDA): a bad input, printed as one line by the
+    CLI (a ConfigError), raised where the device is chosen (a RuntimeError to callers of ``init_distributed``)."""
+
 
 class SignatureMismatchError(RuntimeError):
     """Ranks disagree about something that must be identical everywhere (raised on every rank)."""
@@ -58,16 +65,22 @@ def _env_int(name: str, default: int | None = None) -> int:
 
 def _pick_device(device: str, local_rank: int, distributed: bool) -> torch.device:
     kind = device.split(":")[0]
-    if kind not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if kind not in DEVICES:
+        raise ConfigError(f"invalid device={device!r}: allowed: " + ", ".join(DEVICES))
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available (use device=cpu or auto)")
+        raise DeviceNotAvailableError(f"invalid device={device!r}: CUDA is not available on this machine; "
+                                      "allowed here: auto, cpu")
     # Under a launcher every rank takes its own GPU; an explicit index only counts for one process.
     if distributed or ":" not in device:
         return torch.device("cuda", local_rank)
     return torch.device(device)
+
+
+def env_world_size() -> int:
+    """The number of ranks the launcher started (WORLD_SIZE, 1 without one), known before any process group."""
+    return _env_int("WORLD_SIZE", 1)
 
 
 def pick_device(device: str | torch.device) -> torch.device:

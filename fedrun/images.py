@@ -13,11 +13,18 @@ from pathlib import Path
 
 import torch
 
+from fedrun.config import ConfigError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataNotFoundError(FileNotFoundError):
     """Data is missing; the message is one line: what to download, and where to put it."""
+
+
+class DataError(ConfigError):
+    """The data a config points to cannot be used (a corrupt image, fewer examples than clients); one line
+    naming the file or the numbers. A ConfigError: the CLI prints it as one line and exits 2."""
 
 
 @dataclass
@@ -58,6 +65,21 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.T
 
 
 
+def _open_image(path: Path):
+    """The decoded image at ``path``; a file PIL cannot decode is a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except UnidentifiedImageError:
+        why = "not an image format PIL can read"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, broken, huge
+        why = " ".join(str(e).split()) or type(e).__name__
+    raise DataError(f"cannot read image {path} ({why}): replace or remove it")
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -72,7 +94,6 @@ def load_image_folder(
     to grey, 3 to RGB; None picks 1 if every image is grey, else 3. ``image_size`` resizes the shorter
     side and centre-crops to a square; None requires every image to have the same size.
     """
-    from PIL import Image
     from torchvision.transforms import functional as TF
 
     folder = Path(path)
@@ -96,11 +117,7 @@ def load_image_folder(
             f"({', '.join(IMAGE_EXTENSIONS)}), flat or in class subfolders"
         )
 
-    pil = []
-    for f, _ in files:
-        with Image.open(f) as im:
-            im.load()
-            pil.append(im)
+    pil = [_open_image(f) for f, _ in files]
     if channels is None:
         grey = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in pil)
         channels = 1 if grey else 3

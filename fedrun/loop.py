@@ -78,7 +78,9 @@ class Run:
             if not _claim_run_dir(cfg, ctx, run_dir, sink):
                 sink.close()
                 return None
-            return cls(cfg, ctx, run_dir, sink, scorer_factory)
+            run = cls(cfg, ctx, run_dir, sink, scorer_factory)
+            _start_run_dir(cfg, ctx, run_dir)  # only now: a start that fails leaves no run directory behind
+            return run
         except BaseException:
             sink.close()
             raise
@@ -267,12 +269,9 @@ class Run:
 
 
 def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink) -> bool:
-    """Refuse an incompatible resume before anything is built; False when the run finished already. Else rank
-    0 writes the config and clears DONE (a run with more rounds than it finished resumes)."""
-    K, W, rounds = cfg.federation.clients, ctx.world_size, cfg.federation.rounds
-    if K < W:
-        raise ConfigError(f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
-                          f"every rank hosts at least one client (use --clients >= {W})")
+    """Refuse an incompatible resume before anything is built; False when the run finished already. Writes
+    nothing: ``_start_run_dir`` does, once the clients are set up."""
+    rounds = cfg.federation.rounds
     if run_dir.config.exists():
         saved = RunConfig.from_json(run_dir.config.read_text())
         diffs = config_differences(saved.to_flat_dict(), cfg.to_flat_dict())
@@ -282,10 +281,15 @@ def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink:
     if dist.broadcast_object(run_dir.is_done(rounds) if ctx.is_main else None):
         sink.info(f"{run_dir.root} already finished {rounds} rounds; nothing to do")
         return False
+    return True
+
+
+def _start_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir) -> None:
+    """Rank 0 writes the config and clears DONE (a run with more rounds than it finished resumes), once data,
+    partitions and the process group are up."""
     if ctx.is_main:
         run_dir.models.mkdir(parents=True, exist_ok=True)
         run_dir.samples.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir.config, cfg.to_json().encode())
         run_dir.clear_done()
     dist.barrier()
-    return True

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
@@ -162,7 +163,14 @@ def executor_parameters(opts: SlurmOptions, tasks_per_node: int, name: str) -> d
     return {k: v for k, v in params.items() if v is not None}
 
 
-def make_executor(folder: Path, opts: SlurmOptions, tasks_per_node: int, name: str) -> submitit.AutoExecutor:
+def make_executor(folder: Path, opts: SlurmOptions, tasks_per_node: int, name: str,
+                  preview: bool = False) -> submitit.AutoExecutor:
+    """submitit's Slurm executor for these options; ``preview``: one that only renders the sbatch script."""
+    if preview and submitit.SlurmExecutor.affinity() <= 0:
+        # submitit refuses to build its Slurm executor without srun on PATH; a dry run only renders the script,
+        # which needs no Slurm, so pretend for the constructor alone (nothing is submitted through it).
+        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+            return make_executor(folder, opts, tasks_per_node, name)
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=opts.max_requeues)
     executor.update_parameters(**executor_parameters(opts, tasks_per_node, name))
     return executor
@@ -180,9 +188,11 @@ def sbatch_preview(executor: submitit.AutoExecutor, array_size: int = 1) -> str:
 
 
 def require_sbatch() -> None:
-    if shutil.which("sbatch") is None:
-        raise SubmitError("sbatch not found on PATH: run on a Slurm login node (or start a local cluster "
-                          "with `sudo bash slurm/start_cluster.sh`), or use --dry-run")
+    """Submitting needs sbatch, and srun for the script it submits (submitit refuses to start without it)."""
+    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
+    if missing:
+        raise SubmitError(f"{' and '.join(missing)} not found on PATH: run on a Slurm login node (or start a local "
+                          "cluster with `sudo bash slurm/start_cluster.sh`), or use --dry-run")
 
 
 # -- what runs inside each Slurm task ---------------------------------------------------------------
@@ -254,11 +264,12 @@ def submit(cfg: RunConfig, opts: SlurmOptions, train_fn: TrainFn, dry_run: bool 
     cfg = prepare_config(cfg, opts)
     run_dir = cfg.run_dir()
     tpn = resolve_tasks_per_node(opts, cfg.federation.clients)
-    executor = make_executor(run_dir / "slurm", opts, tpn, f"fedrun-{run_dir.name}")
-    if dry_run:
+    if not dry_run:
+        if RunDir(run_dir).is_done(cfg.federation.rounds):
+            return None
+        require_sbatch()
+    executor = make_executor(run_dir / "slurm", opts, tpn, f"fedrun-{run_dir.name}", preview=dry_run)
+    if dry_run:  # needs no Slurm: the script only
         return sbatch_preview(executor)
-    if RunDir(run_dir).is_done(cfg.federation.rounds):
-        return None
-    require_sbatch()
     job = executor.submit(FederatedRun(cfg.to_json(), train_fn))
     return Submission(job.job_id, run_dir, job.paths.stdout, job.paths.stderr, job)

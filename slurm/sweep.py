@@ -289,14 +289,16 @@ def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, train_fn: TrainFn
     todo = [p for p in points if p.status == "todo"]
     clients = [p.config.federation.clients for p in todo] or [base.federation.clients]
     tpn = resolve_tasks_per_node(opts, clients)
-    executor = make_executor(sweep_dir / "slurm", opts, tpn, f"fedrun-{sweep_dir.name}")
+    name = f"fedrun-{sweep_dir.name}"
     result = SweepResult(sweep_dir, points)
-    if dry_run:
+    if dry_run:  # needs no Slurm: the grid and the script only
+        executor = make_executor(sweep_dir / "slurm", opts, tpn, name, preview=True)
         result.preview = sbatch_preview(executor, array_size=max(1, len(todo)))
         return result
-    sbatch = executor_parameters(opts, tpn, f"fedrun-{sweep_dir.name}")
+    sbatch = executor_parameters(opts, tpn, name)
     if todo:
         require_sbatch()
+        executor = make_executor(sweep_dir / "slurm", opts, tpn, name)
         # One array: every element has the same resources (nodes x tasks_per_node ranks).
         with executor.batch():
             jobs = [executor.submit(FederatedRun(p.config.to_json(), train_fn)) for p in todo]

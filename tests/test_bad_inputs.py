@@ -1,0 +1,277 @@
+"""Bad inputs through the real command line: one `fedrun: error: ...` line, the right exit code, no traceback.
+
+Every case runs `python -m fedrun ...` in a subprocess, as a user would, and checks: exit code 2 for a bad
+input (1 for a run that failed at run time: a dead or silent peer), exactly one `fedrun: error:` line on
+stderr naming the bad value and what is allowed, and no "Traceback". A start that fails leaves nothing
+behind: no run directory skeleton, no empty data folder, nothing outside --out-dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--seed", "7"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def fedrun(*args: str, cwd: Path = REPO, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedrun", *args], cwd=cwd, env=_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_error_line(p: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """The single `fedrun: error:` line of a run that exited with ``code``; it contains every needle."""
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("fedrun: error:")]
+    assert len(errors) == 1, p.stderr[-4000:]
+    assert p.returncode == code, (p.returncode, p.stderr[-4000:])
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- a config: --config files, flags -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("{ not json", ["bad.json", "not valid JSON", "line 1, column 3"]),
+        ('{"federation": {"clients": null}}', ["federation.clients=None", "expected an integer"]),
+        ('{"federation": {"clients": [1, 2]}}', ["federation.clients=[1, 2]", "expected an integer"]),
+        ('{"federation": {"clients": 2.5}}', ["federation.clients=2.5", "expected an integer"]),
+        ('{"optim": {"lr": null}}', ["optim.lr=None", "expected a number"]),
+        ('{"data": {"subset": "many"}}', ["data.subset='many'", "expected int"]),
+        ('{"optim": {"keep_state": 1}}', ["optim.keep_state=1", "expected true or false"]),
+        ('{"federation": null}', ["federation=None", "a JSON object of federation.* fields"]),
+        ("[1, 2]", ["config=[1, 2]", "a JSON object of config sections"]),
+    ],
+)
+def test_bad_config_file_is_one_line_naming_file_and_field(tmp_path: Path, text: str, needles: list[str]):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    one_error_line(fedrun("config", "--config", str(path)), 2, f"--config {path}", *needles)
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--seed", "-1"], ["federation.seed=-1", "0 to 2**32 - 1"]),
+        (["--clients", "2.5"], ["federation.clients='2.5'", "expected int"]),
+        (["--name", "../../x"], ["name='../../x'", "inside out_dir", "no '..'"]),
+        (["--name", "/tmp/elsewhere"], ["name='/tmp/elsewhere'", "not absolute"]),
+        (["--set", "name=a/../../b"], ["name='a/../../b'", "no '..'"]),
+    ],
+)
+def test_bad_flag_is_one_line(args: list[str], needles: list[str]):
+    one_error_line(fedrun("config", *args), 2, *needles)
+
+
+def test_name_may_not_leave_out_dir(tmp_path: Path, fmnist_root: Path):
+    out = tmp_path / "a" / "b"
+    for name in ("../../escaped", str(tmp_path / "escaped")):
+        p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--out-dir", str(out), "--name", name)
+        one_error_line(p, 2, f"name={name!r}")
+    assert sorted(tmp_path.iterdir()) == [], "nothing written, inside or outside --out-dir"
+
+
+def test_a_name_with_a_subfolder_stays_allowed():
+    p = fedrun("config", "--name", "group/run-1")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["name"] == "group/run-1"
+
+
+# -- data the config points to -------------------------------------------------------------------
+
+
+def _image_folders(root: Path) -> str:
+    from PIL import Image
+
+    for c in (0, 1):
+        (root / f"client{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (28, 28), color=40 * i).save(root / f"client{c}" / f"{i}.png")
+    return str(root / "client{client}")
+
+
+def test_corrupt_image_names_the_file(tmp_path: Path):
+    template = _image_folders(tmp_path / "images")
+    bad = tmp_path / "images" / "client1" / "broken.png"
+    bad.write_bytes(b"not a png")
+    p = fedrun("train", *TINY, "--dataset", "imagefolder", "--client-data", template,
+               "--out-dir", str(tmp_path / "runs"))
+    one_error_line(p, 2, f"cannot read image {bad}", "replace or remove it")
+    assert not (tmp_path / "runs").exists(), "a failed start leaves no run directory"
+
+
+def test_truncated_image_names_the_file(tmp_path: Path):
+    template = _image_folders(tmp_path / "images")
+    good = (tmp_path / "images" / "client0" / "0.png").read_bytes()
+    bad = tmp_path / "images" / "client0" / "half.png"
+    bad.write_bytes(good[: len(good) // 2])
+    p = fedrun("train", *TINY, "--dataset", "imagefolder", "--client-data", template,
+               "--out-dir", str(tmp_path / "runs"))
+    one_error_line(p, 2, f"cannot read image {bad}")
+
+
+def test_more_clients_than_images(tmp_path: Path, fmnist_root: Path):
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "3", "--clients", "5",
+               "--out-dir", str(tmp_path))
+    one_error_line(p, 2, "federation.clients=5", "data.subset=3", "more clients than the 3 examples")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_impossible_quantity_skew_says_so_before_1000_draws(tmp_path: Path, fmnist_root: Path):
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "100", "--clients", "5",
+               "--partition", "quantity-skew", "--beta", "0.01", "--set", "data.min_per_client=15",
+               "--out-dir", str(tmp_path))
+    one_error_line(p, 2, "data.partition=quantity-skew", "data.beta=0.01", "data.min_per_client=15",
+                   "in 100 draws", "practically impossible", "raise beta")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_impossible_label_skew_says_so_before_any_draw(tmp_path: Path, fmnist_root: Path):
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "100", "--clients", "5",
+               "--partition", "label-skew", "--set", "data.min_per_client=30", "--out-dir", str(tmp_path))
+    one_error_line(p, 2, "data.partition=label-skew", "5 clients x 30 > 100 examples")
+
+
+def test_missing_data_leaves_no_run_directory(tmp_path: Path):
+    p = fedrun("train", *TINY, "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs"))
+    one_error_line(p, 2, "Fashion-MNIST not found", str(tmp_path / "nowhere"))
+    assert sorted(tmp_path.iterdir()) == [], "no run directory skeleton, no data folder"
+
+
+def test_failed_download_leaves_no_empty_data_folder(tmp_path: Path, monkeypatch):
+    """In process: torchvision makes the data set's folders, then its download fails (no internet)."""
+    import torchvision.datasets as tvd
+
+    from fedrun.data import DataNotFoundError, load_dataset
+
+    def offline(self) -> None:
+        os.makedirs(self.raw_folder, exist_ok=True)  # what torchvision's download does first
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(tvd.FashionMNIST, "download", offline)
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(DataNotFoundError, match="the download failed"):
+        load_dataset("fashion-mnist", tmp_path / "cache" / "fedrun" / "data", download=True)
+    assert sorted((tmp_path / "cache").iterdir()) == [], "the folders the download made are gone"
+
+
+# -- the machine: CUDA, Slurm, ranks -------------------------------------------------------------
+
+
+def test_device_cuda_without_cuda(tmp_path: Path, fmnist_root: Path):
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--device", "cuda", "--out-dir", str(tmp_path),
+               CUDA_VISIBLE_DEVICES="")  # no GPU visible: what a CPU machine sees
+    one_error_line(p, 2, "device='cuda'", "CUDA is not available", "allowed here: auto, cpu")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def _path_without_slurm(tmp_path: Path) -> str:
+    """A PATH with nothing on it (no sbatch, no srun); the interpreter is called by its full path."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    return str(empty)
+
+
+@pytest.mark.parametrize("command", [["sweep", "--grid-set", "federation.seed=1,2"], ["submit"]])
+def test_dry_run_needs_no_slurm(tmp_path: Path, command: list[str]):
+    p = fedrun(*command, *TINY, "--out-dir", str(tmp_path / "runs"), "--dry-run", PATH=_path_without_slurm(tmp_path))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "#!/bin/bash" in p.stdout and "#SBATCH --ntasks-per-node=2" in p.stdout
+    if command[0] == "sweep":
+        assert "2 run(s)" in p.stdout and "seed-2" in p.stdout
+    assert not (tmp_path / "runs").exists(), "a dry run writes nothing"
+
+
+@pytest.mark.parametrize("command", [["sweep", "--grid-set", "federation.seed=1,2"], ["submit"]])
+def test_submitting_without_slurm_is_one_line(tmp_path: Path, command: list[str]):
+    p = fedrun(*command, *TINY, "--out-dir", str(tmp_path / "runs"), PATH=_path_without_slurm(tmp_path))
+    one_error_line(p, 2, "sbatch and srun not found on PATH", "--dry-run")
+
+
+def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    return dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
+
+
+def test_fewer_clients_than_ranks_is_refused_before_the_process_group(tmp_path: Path, fmnist_root: Path):
+    # Only rank 0 of 2 starts: had the check waited for the process group, it would wait dist_timeout_s (300 s).
+    t0 = time.monotonic()
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--clients", "1", "--out-dir", str(tmp_path),
+               "--set", "dist_timeout_s=300", timeout=120, **_rank_env(0, 2, free_port()))
+    one_error_line(p, 2, "federation.clients=1", "fewer clients than the 2 ranks", "--clients >= 2")
+    assert time.monotonic() - t0 < 100
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.multiproc
+def test_a_rank_that_never_joins_is_one_line(tmp_path: Path, fmnist_root: Path):
+    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path),
+               "--set", "dist_timeout_s=3", timeout=120, **_rank_env(0, 2, free_port()))
+    one_error_line(p, 1, "rank 0: the process group did not form", "1/2 clients joined", "MASTER_PORT")
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def _two_ranks_then(tmp_path: Path, fmnist_root: Path, what: signal.Signals) -> subprocess.CompletedProcess:
+    """Start 2 ranks by hand, send ``what`` to rank 1 once rank 0 finished round 1; rank 0's result."""
+    port = free_port()
+    args = [sys.executable, "-m", "fedrun", "train", *TINY, "--data-root", str(fmnist_root), "--out-dir",
+            str(tmp_path), "--rounds", "200", "--set", "dist_timeout_s=10"]
+    logs = [tmp_path / f"rank{r}.err" for r in (0, 1)]
+    procs = [subprocess.Popen(args, cwd=REPO, env=_env(**_rank_env(r, 2, port)), stdout=subprocess.DEVNULL,
+                              stderr=open(logs[r], "w")) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        while "round 1/200" not in logs[0].read_text():
+            assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].send_signal(what)
+        rc = procs[0].wait(timeout=120)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(args, rc, "", logs[0].read_text())
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_a_dead_peer_is_one_line(tmp_path: Path, fmnist_root: Path):
+    p = _two_ranks_then(tmp_path, fmnist_root, signal.SIGKILL)
+    one_error_line(p, 1, "rank 0: lost contact with a peer rank", "resume from the newest checkpoint")
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_a_silent_peer_is_one_line_after_the_timeout(tmp_path: Path, fmnist_root: Path):
+    p = _two_ranks_then(tmp_path, fmnist_root, signal.SIGSTOP)
+    one_error_line(p, 1, "rank 0: a peer rank stopped answering", "dist_timeout_s",
+                   "resume from the newest checkpoint")
