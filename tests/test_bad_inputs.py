@@ -160,6 +160,36 @@ def test_impossible_label_skew_says_so_before_any_draw(tmp_path: Path, fmnist_ro
     one_error_line(p, 2, "data.partition=label-skew", "5 clients x 30 > 100 examples")
 
 
+@pytest.mark.parametrize(
+    ("labels", "kind", "k", "min_per_client"),
+    [
+        ([0] * 100, "quantity-skew", 10, 10),  # 10 clients x exactly 10 of 100 with beta 0.01
+        ([0] * 90 + [1] * 10, "label-skew", 5, 15),  # a class goes (nearly) whole to one client
+    ],
+)
+def test_a_practically_impossible_skew_stops_after_100_of_1000_draws(labels, kind, k, min_per_client):
+    import numpy as np
+
+    from fedrun.partition import EARLY_CHECK_DRAWS, PartitionError, partition
+
+    with pytest.raises(PartitionError, match=f"in {EARLY_CHECK_DRAWS} draws, and none of 20,000 trial draws"):
+        partition(np.array(labels), k, kind, beta=0.01, min_per_client=min_per_client, max_draws=1000)
+
+
+def test_a_rare_but_possible_skew_is_still_drawn(monkeypatch):
+    """About 1 % of these draws succeed: with seed 2 the first 100 fail, the trial draws find some successes,
+    and the real draws go on to one that succeeds."""
+    import numpy as np
+
+    from fedrun import partition as pt
+
+    verdicts = []
+    real = pt._practically_impossible
+    monkeypatch.setattr(pt, "_practically_impossible", lambda *a: verdicts.append(real(*a)) or verdicts[-1])
+    parts = pt.partition(np.zeros(1000, dtype=int), 5, "quantity-skew", beta=0.5, seed=2, min_per_client=100)
+    assert verdicts == [False] and min(len(p) for p in parts) >= 100
+
+
 def test_missing_data_leaves_no_run_directory(tmp_path: Path):
     p = fedrun("train", *TINY, "--data-root", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "runs"))
     one_error_line(p, 2, "Fashion-MNIST not found", str(tmp_path / "nowhere"))
