@@ -119,7 +119,9 @@ def run_failure(e: BaseException) -> str | None:
         return f"{rank}: a peer rank stopped answering ({text}; dist_timeout_s sets the wait): {resume}"
     if re.search(r"closed by peer|reset by peer|broken pipe|connection refused", text, re.IGNORECASE):
         return f"{rank}: lost contact with a peer rank ({text}); it probably crashed, see its log: {resume}"
-    return f"{rank}: the process group failed ({text}): {resume}"
+    if isinstance(e, tdist.DistError):
+        return f"{rank}: the process group failed ({text}): {resume}"
+    return None  # another gloo/NCCL error (a wrong collective call, say): a bug, with its traceback
 
 
 def main(argv: list[str] | None = None) -> int:

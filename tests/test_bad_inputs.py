@@ -305,3 +305,31 @@ def test_a_silent_peer_is_one_line_after_the_timeout(tmp_path: Path, fmnist_root
     p = _two_ranks_then(tmp_path, fmnist_root, signal.SIGSTOP)
     one_error_line(p, 1, "rank 0: a peer rank stopped answering", "dist_timeout_s",
                    "resume from the newest checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (lambda t: RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
+                                "by peer [127.0.0.1]:11912. This is typically caused by a remote worker crashing."),
+         "rank 3: lost contact with a peer rank (Connection closed by peer [127.0.0.1]:11912); it probably "
+         "crashed, see its log: start the same command on every rank again to resume from the newest checkpoint"),
+        (lambda t: RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                                "10000ms for recv operation to complete"),
+         "rank 3: a peer rank stopped answering (Timed out waiting 10000ms for recv operation to complete; "
+         "dist_timeout_s sets the wait): start the same command on every rank again to resume from the newest "
+         "checkpoint"),
+        (lambda t: t.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 clients joined."),
+         "rank 3: the process group did not form (Timed out after 6 seconds waiting for clients. 1/2 clients "
+         "joined): start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT within dist_timeout_s"),
+        (lambda t: RuntimeError("[gloo/allreduce.cc:40] sizes of the input tensors differ"), None),  # a bug
+        (lambda t: ValueError("a bug of ours"), None),
+    ],
+)
+def test_run_failures_in_one_line_and_bugs_with_their_traceback(error, line: str | None, monkeypatch):
+    import torch.distributed as tdist
+
+    from fedrun.cli import run_failure
+
+    monkeypatch.setenv("RANK", "3")
+    assert run_failure(error(tdist)) == line
