@@ -1,4 +1,4 @@
-"""``evaluate_run``: sample every final model of a run, score its FID, write fid.json, TensorBoard and samples.
+"""``evaluate_run``: sample every final model of a run, score its FID and KID, write fid.json, TensorBoard, samples.
 
 A pipeline of small steps: ``plan_evaluation`` (the protocol and the files: model weights, or samples saved by an
 earlier ``stage='sample'``), ``prepare_reference`` (rank 0, before minutes of sampling), ``evaluate_models``
@@ -7,7 +7,12 @@ earlier ``stage='sample'``), ``prepare_reference`` (rank 0, before minutes of sa
 FID protocol (the paper): pytorch-fid's Inception, 1,000 ancestral DDPM samples per model, against the
 Fashion-MNIST test split. Numbers from different protocols are not comparable: at 1,000 samples even real
 data scores about 15.5 (the small-sample floor), and EMA weights usually score differently from the raw ones;
-``fid.json`` therefore records the full protocol next to the numbers.
+``fid.json`` therefore records the full protocol next to the numbers. KID (``evaluation.kid``), from the same
+features, has no such floor; it needs the reference's features (``evaluation.fid.Reference``).
+
+A personalised method (UDec/ULatDec) has one model per client: fid.json holds each client's scores, their mean
++- std over clients, and the scores of the pooled samples of all clients (``pooled``), since an average of
+per-client FIDs can rank methods differently from one score of all their samples (arXiv 2310.11714).
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 from torch import Tensor
 
 from evaluation.errors import EvalError
-from evaluation.fid import Stats, fid_of_images
-from evaluation.inception import find_inception_weights
+from evaluation.fid import Reference
+from evaluation.inception import find_inception_weights, inception_features
+from evaluation.metrics import Scores, kid_protocol, score_features
 from evaluation.protocol import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SAMPLER,
@@ -86,8 +92,14 @@ class Plan:
 class Outcome:
     """What ``evaluate_models`` found (on rank 0; empty elsewhere)."""
 
-    fids: dict[str, dict[str, float]] = field(default_factory=dict)
-    """{kind: {label: FID}}."""
+    scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
+    """{kind: {label: FID and KID}}."""
+    pooled: dict[str, Scores] = field(default_factory=dict)
+    """{kind: scores of the pooled samples of all clients}: personalised methods only."""
+    pooled_samples: int = 0
+    """Samples behind each pooled score."""
+    no_kid: str = ""
+    """Why there is no KID (the reference has no features), else ''."""
     mean_pixels: dict[str, dict[str, float]] = field(default_factory=dict)
     """{kind: {label: mean sample pixel, 0-255}}."""
     written: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -146,9 +158,9 @@ def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None,
 
 
 def prepare_reference(plan: Plan, ref: str, data_root: str | os.PathLike[str] | None, device: torch.device,
-                      sink: Sink, **kw: Any) -> Stats | None:
-    """Reference statistics on rank 0 (None elsewhere), before any sampling, so that a missing data set fails
-    at once. The outcome is shared, so no rank waits in a collective for a rank that has failed."""
+                      sink: Sink, **kw: Any) -> Reference | None:
+    """Reference statistics and features on rank 0 (None elsewhere), before any sampling, so that a missing
+    data set fails at once. The outcome is shared, so no rank waits in a collective for a rank that has failed."""
     stats, error = None, None
     if dist.rank() == 0:
         try:
@@ -157,7 +169,8 @@ def prepare_reference(plan: Plan, ref: str, data_root: str | os.PathLike[str] | 
                                      cache_dirs=[stats_cache_dir(), plan.run.eval], **kw)
         except Exception as e:  # re-raised below on rank 0, reported on the others
             error = e
-    failed = dist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    failed = dist.broadcast_json(None if error is None else f"{type(error).__name__}: {error}", str | None,
+                                 what="reference outcome")
     if error is not None:
         raise error
     if failed:
@@ -177,13 +190,15 @@ def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) ->
                          seed=p.seed, progress=progress)
 
 
-def evaluate_models(plan: Plan, stats: Stats | None, device: torch.device, write: bool, progress: bool,
-                    **fid_kw: Any) -> Outcome:
-    """Sample (or load) and score every model in turn. Every model is sampled with the same seed (same noise),
-    so raw vs EMA and client vs client differ only by the weights."""
-    out = Outcome()
+def evaluate_models(plan: Plan, ref: Reference | None, device: torch.device, write: bool, progress: bool,
+                    batch_size: int = 50, weights: str | os.PathLike[str] | None = None) -> Outcome:
+    """Sample (or load) and score every model in turn (``batch_size``, ``weights``: Inception's). Every model is
+    sampled with the same seed (same noise), so raw vs EMA and client vs client differ only by the weights."""
+    out = Outcome(no_kid=ref.no_kid if ref is not None else "")
+    pool = get_method(plan.cfg.federation.method).personalised
     for kind, entries in plan.files.items():
         out.mean_pixels[kind] = {}
+        features = []
         for label, path in entries:
             x = _samples_of(plan, path, device, progress)
             if dist.rank() != 0:
@@ -196,20 +211,45 @@ def evaluate_models(plan: Plan, stats: Stats | None, device: torch.device, write
             # Mean pixel (0-255): drifting brightness is a known failure of raw DDPM weights.
             out.mean_pixels[kind][label] = round(float(x.float().mean()), 3)
             if plan.score:
-                fid = fid_of_images(x, stats, device=device, progress=progress, **fid_kw)
-                out.fids.setdefault(kind, {})[label] = fid
+                feats = inception_features(x, batch_size=batch_size, device=device, weights=weights,
+                                           progress=progress, desc=f"inception ({label}, {kind})")
+                out.scores.setdefault(kind, {})[label] = score_features(feats, ref)
+                if pool:  # float32 is exact: the network computes in float32
+                    features.append(feats.astype(np.float32))
+        if features:
+            pooled = np.concatenate(features)
+            out.pooled[kind], out.pooled_samples = score_features(pooled, ref), pooled.shape[0]
+    return out
+
+
+def _summary(per_model: dict[str, Scores], personalised: bool) -> dict[str, Any]:
+    """Mean and population std of the models' FIDs and KIDs: over the clients for one model per client, and for
+    one model its FID (std 0) and KID +- its std over the KID subsets. ``kid_models``: each model's KID."""
+    fids = [s.fid for s in per_model.values()]
+    out: dict[str, Any] = {"fid": float(np.mean(fids)), "fid_std": float(np.std(fids, ddof=0)),
+                           "per_client": fids if personalised else None,
+                           "models": {label: s.fid for label, s in per_model.items()},
+                           "kid": None, "kid_std": None, "kid_per_client": None, "kid_models": None}
+    kids = {label: s.kid for label, s in per_model.items() if s.kid is not None}
+    if kids:
+        means = [k.mean for k in kids.values()]
+        spread = float(np.std(means, ddof=0)) if personalised else next(iter(kids.values())).std
+        out.update(kid=float(np.mean(means)), kid_std=spread, kid_per_client=means if personalised else None,
+                   kid_models={label: {"kid": k.mean, "kid_std": k.std, "subset_size": k.subset_size}
+                               for label, k in kids.items()})
     return out
 
 
 def _summaries(plan: Plan, outcome: Outcome) -> dict[str, dict[str, Any]]:
-    """Per weights kind: mean and population std of the models' FIDs (one per client if personalised)."""
+    """Per weights kind: ``_summary`` of its models, their mean sample pixels and, for a personalised method,
+    the scores of the pooled samples of all clients (``pooled``; None otherwise)."""
     personalised = get_method(plan.cfg.federation.method).personalised
     results = {}
-    for kind, per_model in outcome.fids.items():
-        values = list(per_model.values())
-        results[kind] = {"fid": float(np.mean(values)), "fid_std": float(np.std(values, ddof=0)),
-                         "per_client": values if personalised else None, "models": per_model,
-                         "mean_pixel": outcome.mean_pixels[kind]}
+    for kind, per_model in outcome.scores.items():
+        pooled = outcome.pooled.get(kind)
+        results[kind] = {**_summary(per_model, personalised), "mean_pixel": outcome.mean_pixels[kind],
+                         "pooled": None if pooled is None else {**pooled.record(),
+                                                                "num_samples": outcome.pooled_samples}}
     return results
 
 
@@ -233,9 +273,11 @@ def write_scores(plan: Plan, outcome: Outcome, ref: str, write: bool) -> dict[st
     headline = "ema" if "ema" in results else "raw"
     protocol = {**plan.protocol.record(plan.cfg.diffusion.timesteps, list(plan.files)), "reference": ref,
                 "inception": f"pytorch-fid InceptionV3 pool3 (2048-d), {WEIGHTS_FILENAME}", "note": FID_FLOOR_NOTE,
-                **({"sampled_apart": True} if plan.saved else {})}
-    out = {"fid": results[headline]["fid"], "fid_std": results[headline]["fid_std"],
-           "per_client": results[headline]["per_client"], "headline_weights": headline, "results": results,
+                "kid": kid_protocol(), **({"sampled_apart": True} if plan.saved else {})}
+    top = results[headline]
+    # The headline weights' numbers at the top; kid_note says why KID is None (a reference without features).
+    out = {**{k: top[k] for k in ("fid", "fid_std", "per_client", "kid", "kid_std", "kid_per_client", "pooled")},
+           "headline_weights": headline, "results": results, **({"kid_note": outcome.no_kid} if outcome.no_kid else {}),
            **_run_facts(plan), "protocol": protocol}
     if write:
         atomic_write_json(plan.run.fid_json, out)
@@ -269,7 +311,7 @@ def evaluate_run(
     write: bool = True,
     stage: str = "all",
 ) -> dict[str, Any]:
-    """Sample every model of a finished run, score it, write fid.json, TensorBoard scalars and samples.
+    """Sample every model of a finished run, score FID and KID, write fid.json, TensorBoard scalars and samples.
 
     ``stage``: 'all' samples and scores; 'sample' only samples (``eval/samples_*.npz`` and grids, plus
     ``eval/samples.json`` with the protocol: no Inception weights or reference needed, e.g. on a GPU node
@@ -292,9 +334,9 @@ def evaluate_run(
     dev = dist.pick_device(device)
     sink = rank_sink(dist.rank() == 0)
     fid_kw = {"batch_size": fid_batch_size, "weights": inception_weights}
-    stats = prepare_reference(p, ref, data_root, dev, sink, progress=progress, **fid_kw) if p.score else None
-    outcome = evaluate_models(p, stats, dev, write, progress, **fid_kw)
+    ref_feats = prepare_reference(p, ref, data_root, dev, sink, progress=progress, **fid_kw) if p.score else None
+    outcome = evaluate_models(p, ref_feats, dev, write, progress, **fid_kw)
     out = None
     if dist.rank() == 0:
         out = write_scores(p, outcome, ref, write) if p.score else write_samples_record(p, outcome)
-    return dist.broadcast_object(out)
+    return dist.broadcast_json(out, dict[str, Any], what="evaluation results")

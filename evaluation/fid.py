@@ -10,11 +10,17 @@ Pitfall, measured: FID is biased upwards at small sample counts. 1,000 *real* Fa
 images score about 15.5 against the 10,000 test images, so with the paper's 1,000 samples nothing can
 score below that floor, and numbers are only comparable under the same protocol (number of samples,
 reference, sampler, weights). ``fedrun eval`` records that protocol in ``fid.json``.
+
+A statistics file may also hold the Inception ``features`` (float32 [N, 2048]) they were computed from: KID
+(``evaluation.kid``) needs the features themselves, not only their mean and covariance. fedrun writes them
+(``fedrun fid --save-stats`` and its reference cache); pytorch-fid ignores the extra key. A file of ``mu`` and
+``sigma`` only (pytorch-fid's own) still gives FID, and ``Reference.no_kid`` says why there is no KID.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,10 @@ Stats = tuple[np.ndarray, np.ndarray]
 """(mu [D], sigma [D, D]) of a set of images' features."""
 
 
+FEATURES_KEY = "features"
+"""The statistics file's key for the Inception features behind mu and sigma (fedrun's addition)."""
+
+
 def statistics(features: np.ndarray) -> Stats:
     """(mu [D], sigma [D, D]) exactly as pytorch-fid computes them."""
     if features.shape[0] < 2:
@@ -35,11 +45,39 @@ def statistics(features: np.ndarray) -> Stats:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-def save_stats(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray, n: int | None = None) -> Path:
-    """Write pytorch-fid's statistics format (``mu``, ``sigma``; plus ``n``, which it ignores)."""
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """What samples are scored against: the FID statistics, and the features KID needs where they are known."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: np.ndarray | None = None
+    """float32 [N, 2048] Inception features (exact: the network computes in float32), or None."""
+    n: int = 0
+    """Images behind the statistics; 0 when unknown (a pytorch-fid statistics file)."""
+    no_kid: str = ""
+    """Why there is no KID against this reference (no features), else ''."""
+
+    @property
+    def stats(self) -> Stats:
+        return self.mu, self.sigma
+
+    @classmethod
+    def of_features(cls, features: np.ndarray) -> Reference:
+        """Statistics (computed in float64, as pytorch-fid does) and the features themselves."""
+        mu, sigma = statistics(features)
+        return cls(mu, sigma, np.asarray(features, np.float32), features.shape[0])
+
+
+def save_stats(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray, n: int | None = None,
+               features: np.ndarray | None = None) -> Path:
+    """Write pytorch-fid's statistics format (``mu``, ``sigma``; plus ``n`` and the ``features`` behind them,
+    which it ignores)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if n is None else {"n": np.asarray(n, dtype=np.int64)}
+    if features is not None:
+        extra[FEATURES_KEY] = np.asarray(features, np.float32)
     # Written then renamed: a reader never sees half a file. np.savez appends .npz to a name without it,
     # which rules out fedrun.rundir.atomic_write_bytes' temporary name.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
@@ -48,12 +86,34 @@ def save_stats(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray, 
     return path
 
 
+def save_reference(path: str | os.PathLike[str], ref: Reference) -> Path:
+    """``save_stats`` of a Reference, its features included when it has them."""
+    return save_stats(path, ref.mu, ref.sigma, ref.n or None, ref.features)
+
+
 def load_stats(path: str | os.PathLike[str]) -> Stats:
-    """(mu, sigma) from a statistics ``.npz`` (this project's or pytorch-fid's ``--save-stats``)."""
+    """(mu, sigma) from a statistics ``.npz`` (this project's or pytorch-fid's ``--save-stats``); the features
+    of a large reference (80 MB for 10,000 images) are not read."""
     with np.load(path) as f:
         if "mu" not in f.files or "sigma" not in f.files:
             raise SourceError(f"{path}: not a statistics file (needs keys mu and sigma, has {f.files})")
         return f["mu"][:], f["sigma"][:]
+
+
+def load_reference(path: str | os.PathLike[str], no_features: str = "") -> Reference:
+    """A statistics ``.npz`` with its features when it holds them. ``no_features``: what to do about a file
+    without them (the message of ``Reference.no_kid``)."""
+    mu, sigma = load_stats(path)
+    with np.load(path) as f:
+        feats = f[FEATURES_KEY][:] if FEATURES_KEY in f.files else None
+        n = int(f["n"]) if "n" in f.files else 0
+    if feats is None:
+        why = no_features or ("KID needs the reference's Inception features: pass the images themselves, or a "
+                              "statistics file from `fedrun fid --save-stats`, which stores them")
+        return Reference(mu, sigma, n=n, no_kid=f"no KID: {path} holds only mu and sigma; {why}")
+    if feats.ndim != 2 or feats.shape[1] != mu.shape[0]:
+        raise SourceError(f"{path}: {FEATURES_KEY} must be N x {mu.shape[0]}, got {feats.shape}")
+    return Reference(mu, sigma, feats, n or feats.shape[0])
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
@@ -139,10 +199,11 @@ def frechet_distance(
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
 
 
-def fid_of_images(images: Tensor, ref_stats: Stats, *, batch_size: int = 50, device: str | torch.device = "cpu",
-                  weights: str | os.PathLike[str] | None = None, progress: bool = True) -> float:
-    """FID of uint8 images [N, C, H, W] against reference statistics (mu, sigma)."""
+def fid_of_images(images: Tensor, ref: Stats | Reference, *, batch_size: int = 50,
+                  device: str | torch.device = "cpu", weights: str | os.PathLike[str] | None = None,
+                  progress: bool = True) -> float:
+    """FID of uint8 images [N, C, H, W] against reference statistics ((mu, sigma) or a Reference)."""
     feats = inception_features(images, batch_size=batch_size, device=device, weights=weights,
                                progress=progress, desc="inception (samples)")
     mu, sigma = statistics(feats)
-    return frechet_distance(mu, sigma, *ref_stats)
+    return frechet_distance(mu, sigma, *(ref.stats if isinstance(ref, Reference) else ref))

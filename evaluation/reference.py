@@ -1,4 +1,8 @@
-"""Reference statistics of FID: a statistics .npz as it is, any other source computed once and cached.
+"""Reference statistics of FID and KID: a statistics .npz as it is, any other source computed once and cached.
+
+The cache holds the statistics (mu, sigma) and the Inception features behind them, which KID needs (80 MB
+for 10,000 images). A cached file without features (written by a fedrun that did not store them) still gives
+FID; KID then says to delete it.
 
 The cache lives in fedrun's cache directory (``$FEDRUN_CACHE``, else ``$XDG_CACHE_HOME/fedrun``, else
 ``~/.cache/fedrun``), under ``fid_stats/``: never next to the data, which fedrun is only asked to read (a
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation.fid import Stats, load_stats, save_stats
+from evaluation.fid import Reference, load_reference, save_reference
 from evaluation.sources import Source, folder_files, parse_source, source_statistics
 from fedrun.output import Sink
 
@@ -65,26 +69,25 @@ def reference_statistics(
     weights: str | os.PathLike[str] | None = None,
     progress: bool = True,
     sink: Sink | None = None,
-) -> Stats:
-    """(mu, sigma) of a reference: a statistics .npz as is; anything else computed once and cached.
+) -> Reference:
+    """Statistics and features of a reference: a statistics .npz as is; anything else computed once and cached.
 
     The cache goes to the first writable folder of ``cache_dirs`` (None: ``stats_cache_dir()``); a cached
     file found in any of them is reused. ``sink`` hears one line before a computation that takes minutes.
     """
     src = parse_source(ref)
     if src.kind == "stats":
-        return load_stats(src.path)
+        return load_reference(src.path)
     dirs = [Path(d) for d in (cache_dirs if cache_dirs is not None else [stats_cache_dir()])]
     for d in dirs:
         cached = reference_cache_path(src, d, limit, image_size)
         if cached.is_file():
-            return load_stats(cached)
-    mu, sigma, n = source_statistics(src, data_root=data_root, limit=limit, image_size=image_size,
-                                     batch_size=batch_size, device=device, weights=weights, progress=progress,
-                                     sink=sink)
+            return load_reference(cached, f"delete it to recompute it with the features ({src.describe()})")
+    out = source_statistics(src, data_root=data_root, limit=limit, image_size=image_size, batch_size=batch_size,
+                            device=device, weights=weights, progress=progress, sink=sink)
     for d in dirs:
         with contextlib.suppress(OSError):
-            path = save_stats(reference_cache_path(src, d, limit, image_size), mu, sigma, n)
-            (sink or Sink()).info(f"cached the statistics of {src.describe()} in {path}")
+            path = save_reference(reference_cache_path(src, d, limit, image_size), out)
+            (sink or Sink()).info(f"cached the statistics and features of {src.describe()} in {path}")
             break
-    return mu, sigma
+    return out

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from evaluation.errors import EvalError
-from evaluation.fid import Stats, fid_of_images
+from evaluation.fid import Reference, Stats, fid_of_images
 from evaluation.protocol import known_datasets
 from evaluation.reference import reference_statistics, stats_cache_dir
 from evaluation.sample import sample_images
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 def fid_of_model(
     model: nn.Module,
     diffusion: GaussianDiffusion,
-    ref_stats: Stats | str,
+    ref_stats: Stats | Reference | str,
     num_samples: int,
     *,
     image_shape: tuple[int, int, int],
@@ -44,7 +44,8 @@ def fid_of_model(
     data_root: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> float:
-    """FID of ``num_samples`` samples of ``model`` against ``ref_stats`` ((mu, sigma) or a source spec).
+    """FID of ``num_samples`` samples of ``model`` against ``ref_stats`` ((mu, sigma), a Reference or a source
+    spec).
 
     For FID during training: samples in this process only (no collectives, so ranks holding different
     client models never mix their samples); the model's training flag is restored.
@@ -68,9 +69,9 @@ def default_reference(cfg: RunConfig) -> str:
 
 def reference_of_run(cfg: RunConfig, ref: str, *, device: str | torch.device,
                      cache_dirs: Iterable[str | os.PathLike[str]],
-                     data_root: str | os.PathLike[str] | None = None, **kw: Any) -> Stats:
-    """Reference statistics to score ``cfg``'s models against: a dataset split at the size the model saw
-    (``cfg.data.image_size``), read from ``data_root`` (default ``cfg.data.root``); ``kw`` as
+                     data_root: str | os.PathLike[str] | None = None, **kw: Any) -> Reference:
+    """Reference statistics and features to score ``cfg``'s models against: a dataset split at the size the
+    model saw (``cfg.data.image_size``), read from ``data_root`` (default ``cfg.data.root``); ``kw`` as
     ``reference_statistics`` takes it."""
     size = cfg.data.image_size if parse_source(ref).kind == "dataset" else None
     return reference_statistics(ref, data_root=data_root or cfg.data.root, image_size=size, device=device,

@@ -1,5 +1,6 @@
-"""Image sources of FID: an image folder, an .npz of uint8 images (key ``x``), a dataset split, or a
-statistics .npz (``mu``, ``sigma``) that stands for its images; and the statistics of any of them.
+"""Image sources of FID and KID: an image folder, an .npz of uint8 images (key ``x``), a dataset split, or a
+statistics .npz (``mu``, ``sigma``, and the ``features`` when fedrun wrote it) that stands for its images; and
+the statistics and features of any of them (a ``Reference``).
 
 Sources are only read: nothing here writes next to them (caches live in ``evaluation.reference``).
 """
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from evaluation.errors import SourceError
-from evaluation.fid import Stats, load_stats, statistics
+from evaluation.fid import Reference, load_reference
 from evaluation.inception import inception_features
 from evaluation.protocol import DATASET_SPLITS, known_datasets
 from fedrun.config import default_data_root
@@ -144,15 +145,15 @@ def source_statistics(
     weights: str | os.PathLike[str] | None = None,
     progress: bool = True,
     sink: Sink | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(mu, sigma, number of images; 0 for a statistics file) of any source.
+) -> Reference:
+    """The statistics of any source: mu, sigma, the number of images (0 for a pytorch-fid statistics file) and
+    the Inception features KID needs (None for a statistics file without them).
 
     ``sink`` hears one line before a step that takes minutes (``note_if_slow``); None: say nothing.
     """
     src = parse_source(source) if isinstance(source, str) else source
     if src.kind == "stats":
-        mu, sigma = load_stats(src.path)
-        return mu, sigma, 0
+        return load_reference(src.path)
     if src.kind == "folder":
         files = folder_files(src.path)[:limit] if limit else folder_files(src.path)
         images, n = _folder_batches(files, batch_size), len(files)
@@ -165,5 +166,4 @@ def source_statistics(
     note_if_slow(n, device, src.describe(), sink or Sink())
     feats = inception_features(images, total=n, batch_size=batch_size, device=device, weights=weights,
                                progress=progress, desc=src.describe())
-    stats: Stats = statistics(feats)
-    return stats[0], stats[1], feats.shape[0]
+    return Reference.of_features(feats)

@@ -173,8 +173,9 @@ def test_folder_and_npz_sources_give_the_same_statistics(tmp_path, torch_home, m
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8, generator=g)
     _write_pngs(tmp_path / "imgs", images)
     np.savez(tmp_path / "imgs.npz", x=images.numpy())
-    mu_f, s_f, n_f = Src.source_statistics(str(tmp_path / "imgs"), batch_size=3, limit=4)
-    mu_x, s_x, n_x = Src.source_statistics(str(tmp_path / "imgs.npz"), batch_size=4, limit=4)
+    ref_f = Src.source_statistics(str(tmp_path / "imgs"), batch_size=3, limit=4)
+    ref_x = Src.source_statistics(str(tmp_path / "imgs.npz"), batch_size=4, limit=4)
+    (mu_f, s_f), n_f, (mu_x, s_x), n_x = ref_f.stats, ref_f.n, ref_x.stats, ref_x.n
     assert n_f == n_x == 4  # --limit takes the first 4
     np.testing.assert_allclose(mu_f, mu_x, atol=1e-6)
     np.testing.assert_allclose(s_f, s_x, atol=1e-6)
@@ -185,7 +186,7 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
     cache = tmp_path / "cache"
     (tmp_path / "a_file").write_text("")  # a cache dir below a file cannot be created: the next one is used
     mu, sigma = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
-                                       cache_dirs=[tmp_path / "a_file" / "sub", cache])
+                                         cache_dirs=[tmp_path / "a_file" / "sub", cache]).stats
     cached = cache / "fashion-mnist_test_n6.npz"
     assert cached.is_file()
     with np.load(cached) as f:
@@ -196,7 +197,7 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
 
     monkeypatch.setattr(Ref, "source_statistics", fail)
     mu2, sigma2 = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
-                                         cache_dirs=[cache])
+                                           cache_dirs=[cache]).stats
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
 

@@ -1,4 +1,5 @@
-"""evaluation.report: Table 1 and Figure 4 from a fake-but-valid sweep, numbers checked by hand."""
+"""evaluation.report and evaluation.figure4: Table 1 and Figure 4 from a fake-but-valid sweep, numbers checked by
+hand; unlike runs never merged; lists complete or saying how many more."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from evaluation import figure4 as F4
 from evaluation import report as R
 from fedrun.cli import main as fedrun_main
 from fedrun.config import DataConfig, FederationConfig, RunConfig
@@ -140,14 +142,14 @@ def test_csv(sweep, tmp_path):
 
 def test_figure4_curves_and_png(sweep, tmp_path):
     runs = R.find_runs(sweep)
-    assert R.default_figure_k(runs) == 5
-    curves = R.figure4_curves(runs, 5)
+    assert F4.default_figure_k(runs) == 5
+    curves = F4.figure4_curves(runs, 5)
     assert curves == {"full": ([1, 2, 3], [100.0, 200.0, 300.0]), "udec": ([1, 2, 3], [10.0, 21.0, 32.0])}
-    png = R.figure4(runs, tmp_path / "f.png", clients=5)
+    png = F4.figure4(runs, tmp_path / "f.png", clients=5)
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (750, 525)
     with pytest.raises(R.EvalError, match="K=3"):
-        R.figure4(runs, tmp_path / "g.png", clients=3)
+        F4.figure4(runs, tmp_path / "g.png", clients=3)
 
 
 def test_cli_report(sweep, capsys):
