@@ -99,12 +99,12 @@ _TORCH_WHERE = re.compile(r"^\[[^\]]*\]\s*")  # '[/__w/pytorch/.../pair.cc:561] 
 def run_failure(e: BaseException) -> str | None:
     """The one line for a run that stopped for a reason outside the code, or None (a bug keeps its traceback).
 
-    Such reasons: ranks that disagree at start-up (``fedrun.dist.SignatureMismatchError``), and the process
+    Such reasons: ranks that disagree, or a peer's payload refused (``fedrun.dist.PeerError``), and the process
     group failing: a peer rank that died, stopped answering within ``dist_timeout_s``, or never joined. Torch is
     only consulted when a command already imported it (the error cannot come from it otherwise).
     """
     fdist = sys.modules.get("fedrun.dist")
-    if fdist is not None and isinstance(e, fdist.SignatureMismatchError):
+    if fdist is not None and isinstance(e, fdist.PeerError):
         return str(e)
     tdist = sys.modules.get("torch.distributed")
     text = _TORCH_WHERE.sub("", _TORCH_NOISE.sub("", " ".join(str(e).split()))).rstrip(".")

@@ -1,4 +1,8 @@
-"""The one module that owns the process group: init, backend choice, cleanup, start-up agreement checks.
+"""The one module that owns the process group: init, backend choice, cleanup, and what crosses it.
+
+What crosses it is tensors, or plain values as JSON bytes in a uint8 tensor, checked on arrival against the
+type the receiver expects (``fedrun.wire``); never a pickle, since a peer may belong to another institution.
+The start-up checks that every rank agrees (config, parameter signature) are ``fedrun.agreement``'s.
 
 Ranks are read from the environment torchrun exports (and submitit's ``TorchDistributedEnvironment().
 export()`` on Slurm): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. Without WORLD_SIZE, or with
@@ -8,18 +12,19 @@ tests and laptops need no launcher. Backend: NCCL with CUDA, gloo without (every
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.rendezvous import rendezvous
 
+from fedrun import wire
 from fedrun.config import DEVICES, ConfigError
 
 
@@ -28,8 +33,17 @@ class DeviceNotAvailableError(ConfigError, RuntimeError):
     CLI (a ConfigError), raised where the device is chosen (a RuntimeError to callers of ``init_distributed``)."""
 
 
-class SignatureMismatchError(RuntimeError):
+class PeerError(RuntimeError):
+    """Another rank disagrees with this one, or sent what no honest rank sends. Raised on every rank that sees
+    it (all of them see the same gathered bytes), and printed by the CLI as one line."""
+
+
+class SignatureMismatchError(PeerError):
     """Ranks disagree about something that must be identical everywhere (raised on every rank)."""
+
+
+class PeerPayloadError(PeerError):
+    """A peer's payload is not what this rank expects (not JSON, a wrong type or size): refused, never run."""
 
 
 @dataclass
@@ -145,14 +159,6 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _all_gather_object(obj: object) -> list[object]:
-    out: list[object] = [None] * world()
-    if len(out) == 1:
-        return [obj]
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if world() > 1:
@@ -162,71 +168,143 @@ def barrier() -> None:
             dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` is ignored elsewhere)."""
+# -- values between ranks: tensors, or JSON bytes; never a pickle ------------------------------------------
+# Ranks may belong to different institutions: torch's *_object collectives unpickle what a peer sends, which
+# runs code the peer chose. Here a value travels as UTF-8 JSON in a uint8 tensor, after its length, and is
+# parsed and checked against the type the receiver expects (fedrun.wire) before anyone uses it.
+
+
+def _to_json_bytes(value: Any) -> bytes:
+    """The one place an outgoing payload is serialised (tests/hostile_peer.py swaps it for a pickle)."""
+    return wire.encode(value)
+
+
+def _encoded(value: Any) -> bytes | Exception:
+    """This rank's payload, or why it has none (sent as length -1: the peers stop instead of waiting)."""
+    try:
+        return _to_json_bytes(value)
+    except (TypeError, ValueError) as e:
+        return e
+
+
+def _wire_tensor(t: Tensor) -> Tensor:
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    return t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else t
+
+
+def _check_length(n: int, r: int, what: str) -> None:
+    if n == -1:
+        raise PeerPayloadError(f"rank {r} failed to send its {what}; see its log")
+    if not 0 <= n <= wire.MAX_PAYLOAD_BYTES:
+        raise PeerPayloadError(f"rank {r} announced {n} bytes of {what}; a rank accepts 0 to "
+                               f"{wire.MAX_PAYLOAD_BYTES}: refused")
+
+
+def _padded(payload: bytes, size: int) -> Tensor:
+    buf = torch.zeros(max(size, 1), dtype=torch.uint8)  # gloo and NCCL move no empty tensors
+    if payload:
+        buf[: len(payload)] = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy())
+    return buf
+
+
+def _gather_bytes(payload: bytes | Exception, what: str) -> list[bytes]:
+    """Every rank's bytes in rank order: two collectives, the lengths (int64), then the bytes padded to the
+    longest. Every length is checked before anything is allocated for it; a rank without a payload re-raises
+    its own error once the others know, and they stop too."""
+    failed = isinstance(payload, Exception)
+    lengths = [int(t) for t in all_gather_tensor(torch.tensor([-1 if failed else len(payload)]))]
+    if failed:
+        raise payload
+    for r, n in enumerate(lengths):
+        _check_length(n, r, what)
+    parts = all_gather_tensor(_padded(payload, max(lengths)))
+    return [p[:n].numpy().tobytes() for p, n in zip(parts, lengths, strict=True)]
+
+
+def _broadcast_bytes(payload: bytes | Exception | None, src: int, what: str) -> bytes:
+    """Rank ``src``'s bytes on every rank (``payload`` is ignored elsewhere): the length, then the bytes."""
+    mine = rank() == src
+    if mine and isinstance(payload, Exception) and world() == 1:
+        raise payload
     if world() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return payload  # type: ignore[return-value]
+    length = _wire_tensor(torch.tensor([len(payload) if mine and isinstance(payload, bytes) else -1]))
+    dist.broadcast(length, src=src)
+    if mine and isinstance(payload, Exception):
+        raise payload
+    n = int(length.item())
+    _check_length(n, src, what)
+    buf = _wire_tensor(_padded(payload if mine else b"", n))  # type: ignore[arg-type]
+    dist.broadcast(buf, src=src)
+    return buf[:n].cpu().numpy().tobytes()
 
 
-def gather_dict(part: Mapping[Any, Any]) -> dict[Any, Any]:
-    """Union, on every rank, of every rank's dict (e.g. per-client losses keyed by client). A key present
-    on two ranks is an error: each rank should report only its own clients."""
+def _parse(raw: bytes, expected: Any, r: int, what: str) -> Any:
+    try:
+        return wire.parse(raw, expected)
+    except wire.WireError as e:
+        raise PeerPayloadError(f"rank {r} sent an invalid {what} ({e}): refused (does every rank run the "
+                               "same fedrun version?)") from None
+
+
+def all_gather_json(value: Any, expected: Any = Any, what: str = "values") -> list[Any]:
+    """Every rank's JSON-able ``value``, in rank order, each checked against the type hint ``expected``
+    (``fedrun.wire.decode``: tuples and int keys come back as such). One clear ``PeerPayloadError`` for a
+    payload that is not JSON of that type, on every rank alike."""
+    return [_parse(raw, expected, r, what) for r, raw in enumerate(_gather_bytes(_encoded(value), what))]
+
+
+def broadcast_json(value: Any, expected: Any = Any, src: int = 0, what: str = "value") -> Any:
+    """Rank ``src``'s JSON-able ``value`` on every rank (ignored elsewhere), checked against ``expected``; rank
+    ``src`` gets the same round-tripped value as the others."""
+    payload = _encoded(value) if rank() == src else None
+    return _parse(_broadcast_bytes(payload, src, what), expected, src, what)
+
+
+def _merge(merged: dict[Any, Any], part: Mapping[Any, Any], r: int, what: str) -> None:
+    for key, value in part.items():
+        if key in merged:
+            raise ValueError(f"{what}: key {key!r} reported by several ranks (again by rank {r})")
+        merged[key] = value
+
+
+def gather_dict(part: Mapping[int | str, Any], expected: Any = Any, what: str = "values") -> dict[Any, Any]:
+    """Union, on every rank, of every rank's dict (e.g. per-client losses keyed by client), its values checked
+    against ``expected``. Keys are ints (client or rank ids; JSON spells them as strings, they come back as
+    ints) or names. A key present on two ranks is an error: each rank should report only its own clients."""
     merged: dict[Any, Any] = {}
-    for r, d in enumerate(_all_gather_object(dict(part))):
-        for key, value in d.items():  # type: ignore[attr-defined]
-            if key in merged:
-                raise ValueError(f"gather_dict: key {key!r} reported by several ranks (again by rank {r})")
-            merged[key] = value
+    for r, d in enumerate(all_gather_json(dict(part), dict[int | str, expected], what)):  # type: ignore[valid-type]
+        _merge(merged, d, r, what)
     return merged
 
 
-def signature_hash(entries: list[tuple[str, tuple[int, ...], str]]) -> str:
-    """SHA-256 of the (name, shape, dtype) entries, in order."""
-    h = hashlib.sha256()
-    for name, shape, dtype in entries:
-        h.update(f"{name}|{tuple(int(s) for s in shape)}|{dtype}\n".encode())
-    return h.hexdigest()
+def gather_arrays(part: Mapping[int, np.ndarray], what: str = "arrays") -> dict[int, np.ndarray]:
+    """Union, on every rank, of every rank's numpy arrays keyed by int (sample grids by client): the shapes and
+    dtypes travel as JSON, then the raw bytes of all arrays in one buffer, checked against them on arrival."""
+    arrays = {int(k): np.ascontiguousarray(a) for k, a in part.items()}
+    metas = all_gather_json({k: (list(a.shape), a.dtype.str) for k, a in arrays.items()}, wire.ArrayMeta,
+                            f"{what} shapes")
+    raws = _gather_bytes(b"".join(a.tobytes() for a in arrays.values()), what)
+    merged: dict[int, np.ndarray] = {}
+    for r, (meta, buf) in enumerate(zip(metas, raws, strict=True)):
+        try:
+            _merge(merged, wire.arrays_from(meta, buf), r, what)
+        except wire.WireError as e:
+            raise PeerPayloadError(f"rank {r} sent invalid {what} ({e}): refused") from None
+    return merged
 
 
-def check_signature(entries: list[tuple[str, tuple[int, ...], str]], what: str = "shared parameters") -> str:
-    """Check that every rank has the same (name, shape, dtype) entries, in the same order.
+def agree(digest: str) -> bool:
+    """Whether every rank has the same hex SHA-256 ``digest``: one all_gather of its 32 bytes, the same answer
+    on every rank (all compare the same gathered digests). The details travel only after a mismatch."""
+    mine = torch.frombuffer(bytearray(bytes.fromhex(digest)), dtype=torch.uint8)
+    return all(torch.equal(d, mine) for d in all_gather_tensor(mine))
 
-    One all_gather on every rank, then the same comparison everywhere: on a mismatch every rank raises
-    ``SignatureMismatchError`` with the same message, naming the differing rank(s) and the first differing
-    entry. Returns the hash. A no-op check without a process group.
-    """
-    norm = [(str(n), tuple(int(s) for s in shape), str(dt)) for n, shape, dt in entries]
-    mine = signature_hash(norm)
-    # The entries themselves travel too (a few kB for a UNet) so the error can name the first difference.
-    gathered = _all_gather_object((mine, len(norm), norm))
-    ref_hash, ref_count, ref_entries = gathered[0]  # type: ignore[misc]
-    bad = [r for r, (h, _, _) in enumerate(gathered) if h != ref_hash]  # type: ignore[misc]
-    if not bad:
-        return mine
-    lines = []
-    for r in bad:
-        _, count, ents = gathered[r]  # type: ignore[misc]
-        pairs = zip(ref_entries, ents, strict=False)  # lengths may differ: that is a mismatch too
-        i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(ref_count, count))
-        have0 = ref_entries[i] if i < ref_count else "nothing"
-        have_r = ents[i] if i < count else "nothing"
-        lines.append(
-            f"rank {r} ({count} entries vs {ref_count} on rank 0) first differs at entry {i}: "
-            f"rank 0 has {have0}, rank {r} has {have_r}"
-        )
-    raise SignatureMismatchError(
-        f"{what} differ across ranks: rank(s) {bad} differ from rank 0; " + "; ".join(lines)
-    )
-
-
-def all_gather_ints(values: list[int | None]) -> list[int]:
+def all_gather_ints(values: list[int | None], what: str = "slots") -> list[int]:
     """Combine per-rank partial knowledge: each rank fills the slots it knows (e.g. the sizes of the
     clients it hosts) and leaves None elsewhere. Raises ValueError, on every rank alike, when the lists
     differ in length, a slot is None everywhere, or two ranks fill a slot differently."""
-    gathered: list[list[int | None]] = _all_gather_object(list(values))  # type: ignore[assignment]
+    gathered: list[list[int | None]] = all_gather_json(list(values), list[int | None], what)
     lengths = {len(v) for v in gathered}
     if len(lengths) != 1:
         raise ValueError(f"ranks passed lists of different lengths: {[len(v) for v in gathered]}")

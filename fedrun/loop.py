@@ -96,7 +96,8 @@ class Run:
     def resume(self) -> None:
         """Load the newest intact checkpoint, if any (every rank its own clients), then announce the rounds."""
         fed, h = self.cfg.federation, self.hosted
-        found = dist.broadcast_object(ckpt.find_resumable(self.dir, self.sink.warn) if self.ctx.is_main else None)
+        found = dist.broadcast_json(ckpt.find_resumable(self.dir, self.sink.warn) if self.ctx.is_main else None,
+                                    tuple[int, str] | None, what="checkpoint found")
         counters = {"paper_params_cum": 0, "bytes_cum": 0}
         if found is not None:
             self.start_round, rdir = found[0], Path(found[1])
@@ -137,7 +138,8 @@ class Run:
         sync_s = time.perf_counter() - t0 - compute_s
 
         # One gather per round brings every rank's losses, images and bytes to rank 0.
-        per_rank = dist.gather_dict({self.ctx.rank: (losses, images, sync.bytes)}).values()
+        per_rank = dist.gather_dict({self.ctx.rank: (losses, images, sync.bytes)},
+                                    tuple[dict[int, float], int, int], "round losses").values()
         all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
         paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
         row = self.comm_log.append(rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s)
@@ -237,7 +239,7 @@ class Run:
             grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if final:
                 save_image(grid, self.dir.sample_grid(self._label(k)))
-        for k, img in sorted(dist.gather_dict(grids).items()):
+        for k, img in sorted(dist.gather_arrays(grids, "sample grids").items()):
             self.sink.image(f"samples/{self._label(k)}", img, rnd)
 
     def score(self, rnd: int) -> None:
@@ -249,7 +251,7 @@ class Run:
                 self._scorer = self._scorer_factory(self.cfg, self.ctx.device, self.dir.eval)
             scores[k] = self._scorer(self.hosted.model, self.hosted.diffusion,
                                      derive_seed(self.cfg.federation.seed, 4, k))
-        scores = dist.gather_dict(scores)
+        scores = dist.gather_dict(scores, float, "FID scores")
         mean = float(np.mean(list(scores.values())))
         if self.method.personalised:
             for k, v in sorted(scores.items()):
@@ -278,7 +280,7 @@ def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink:
         if diffs:
             raise ConfigError(f"cannot resume {run_dir.root}: its config differs in " + ", ".join(diffs)
                               + "; choose another --name/--out-dir")
-    if dist.broadcast_object(run_dir.is_done(rounds) if ctx.is_main else None):
+    if dist.broadcast_json(run_dir.is_done(rounds) if ctx.is_main else None, bool, what="DONE state"):
         sink.info(f"{run_dir.root} already finished {rounds} rounds; nothing to do")
         return False
     return True

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedrun import dist
+from fedrun.agreement import check_signature
 from fedrun.build import build_diffusion, build_model, image_shape
 from fedrun.client import ClientState, LocalTrainer, StepConfig, choose_placement, derive_seed
 from fedrun.config import ConfigError, RunConfig
@@ -75,7 +76,7 @@ def _load_data(cfg: RunConfig, hosted: list[int]) -> tuple[dict[int, ClientData]
     K = cfg.federation.clients
     data, sizes = load_client_data(cfg.data, K, hosted, cfg.federation.seed)
     sizes = dist.all_gather_ints([sizes[k] if k in hosted else None for k in range(K)]
-                                 if sizes is not None else [None] * K)
+                                 if sizes is not None else [None] * K, "client sizes")
     channels, size = image_shape(cfg)
     for k in hosted:
         if tuple(data[k].images.shape[1:]) != (channels, size, size):
@@ -94,8 +95,8 @@ def _initial_model(cfg: RunConfig, method: Method,
     diffusion = build_diffusion(cfg)
     groups = parameter_groups(model)
     named = dict(model.named_parameters())
-    dist.check_signature([(n, tuple(named[n].shape), str(named[n].dtype))
-                          for g in method.ever_shared for n in groups[g]])
+    check_signature([(n, tuple(named[n].shape), str(named[n].dtype))
+                     for g in method.ever_shared for n in groups[g]])
     # All clients start from the same full model (the paper), so broadcast everything once.
     dist.broadcast_state([p.data for p in model.parameters()])
     return model, diffusion, groups
@@ -109,7 +110,7 @@ def _place_images(cfg: RunConfig, ctx: dist.DistContext, data: dict[int, ClientD
     place = choose_placement(cfg.data.placement, nbytes, ctx.device)
     if ctx.device.type == "cuda":
         # Every rank decides for itself (free memory differs); rank 0 says what each one chose.
-        for rank, (n, where) in sorted(dist.gather_dict({ctx.rank: (nbytes, place)}).items()):
+        for rank, (n, where) in sorted(dist.gather_dict({ctx.rank: (nbytes, place)}, tuple[int, str]).items()):
             sink.info(f"rank {rank} keeps its {n / 2**20:.0f} MiB of images on the "
                       f"{'GPU' if where == 'device' else 'host (pinned batches)'}")
     return {k: d.images.to(ctx.device) if place == "device" else d.images for k, d in data.items()}

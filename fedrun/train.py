@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedrun import dist
+from fedrun.agreement import check_run_config
 from fedrun.config import ConfigError, RunConfig
 from fedrun.hooks import ScorerFactory
 from fedrun.loop import Run
@@ -31,6 +32,7 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
                           f"every rank hosts at least one client (use --clients >= {W})")
     ctx = dist.init_distributed(cfg.device, cfg.dist_timeout_s)
     try:
+        check_run_config(cfg)  # every rank the same run, before anything is read or written
         run = Run.open(cfg, ctx, scorer_factory)
         if run is None:  # finished already: nothing was built
             return Path(cfg.run_dir())

@@ -19,6 +19,7 @@ import pytest
 import torch
 from multiproc import spawn_ranks
 
+from fedrun import agreement
 from fedrun import dist as fdist
 from fedrun.comm import collective_bytes_per_round
 from fedrun.exchange import Exchange, weighted_average
@@ -47,15 +48,15 @@ def test_single_process_without_launcher(monkeypatch):
 
 def test_single_process_helpers():
     entries = [("a", (2, 3), "torch.float32")]
-    assert fdist.check_signature(entries) == fdist.signature_hash(entries)
-    assert fdist.check_signature(entries) != fdist.signature_hash([("a", (3, 2), "torch.float32")])
+    assert agreement.check_signature(entries) == agreement.signature_hash(entries)
+    assert agreement.check_signature(entries) != agreement.signature_hash([("a", (3, 2), "torch.float32")])
     assert fdist.all_gather_ints([3, 4]) == [3, 4]
     with pytest.raises(ValueError, match="slot 1"):
         fdist.all_gather_ints([3, None])
     t = torch.ones(2)
     fdist.broadcast_state([t])
     assert torch.equal(t, torch.ones(2))
-    assert fdist.broadcast_object({"a": 1}) == {"a": 1}
+    assert fdist.broadcast_json({"a": 1}) == {"a": 1}
     assert fdist.gather_dict({3: "x"}) == {3: "x"}
     fdist.barrier()
 
@@ -346,8 +347,8 @@ def _helpers_scenario(ctx: fdist.DistContext) -> dict:
     out["broadcast"] = [_sha(t.float() if t.dtype == torch.bfloat16 else t) for t in tensors]
     out["broadcast_int"] = int(tensors[2])
     entries = [(n, s, "torch.float32") for n, s in SHAPES.items()]
-    out["signature"] = fdist.check_signature(entries)
-    out["object"] = fdist.broadcast_object({"from": rank} if rank == 0 else None)
+    out["signature"] = agreement.check_signature(entries)
+    out["object"] = fdist.broadcast_json({"from": rank} if rank == 0 else None)
     gathered = fdist.gather_dict({c: f"loss of client {c}" for c in fdist.hosted_clients(rank, w, 5)})
     out["gathered"] = {str(k): v for k, v in gathered.items()}
     try:
@@ -365,7 +366,7 @@ def _mismatch_scenario(ctx: fdist.DistContext) -> dict:
         entries[1] = ("dec.b", (3,), "torch.float32")
     start = time.monotonic()
     try:
-        fdist.check_signature(entries)
+        agreement.check_signature(entries)
         return {"error": None, "seconds": time.monotonic() - start}
     except fdist.SignatureMismatchError as e:
         return {"error": str(e), "seconds": time.monotonic() - start}
