@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="sample a finished run's models and score their FID and KID",
                        description="Sample every model of RUN_DIR and score FID and KID (for UDec/ULatDec: "
                                    "each client's, their mean ± std, and the pooled samples of all clients); "
-                                   "writes RUN_DIR/fid.json, fid/<weights> to RUN_DIR/tb and samples to "
-                                   "RUN_DIR/eval/. " + FID_FLOOR_NOTE + "; KID has no such floor.")
+                                   "writes RUN_DIR/fid.json, fid/<weights> to RUN_DIR/scores (TensorBoard) and "
+                                   "samples to RUN_DIR/eval/. " + FID_FLOOR_NOTE + "; KID has no such floor.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--num-samples", type=_positive_int, default=None,
                    help="samples per model (default 1000, the paper's)")

@@ -281,7 +281,8 @@ def write_scores(plan: Plan, outcome: Outcome, ref: str, write: bool) -> dict[st
            **_run_facts(plan), "protocol": protocol}
     if write:
         atomic_write_json(plan.run.fid_json, out)
-        tb = TensorBoardSink(plan.run.tb)
+        # Its own events folder, purged from this step on: a repeated eval replaces its points (as fid.json).
+        tb = TensorBoardSink(plan.run.scores_tb, purge_step=plan.cfg.federation.rounds)
         try:
             for kind, r in results.items():
                 tb.scalar(f"fid/{kind}", r["fid"], plan.cfg.federation.rounds)

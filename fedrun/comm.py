@@ -5,6 +5,11 @@ the download (the whole model P in the first round; later P again if everyone re
 else the averaged groups) plus the upload (the groups the client contributes). This project has no server:
 one all-reduce of a flat buffer per round, whose size ``collective_bytes_per_round`` gives. ``CommLog``
 records both, one JSON line per round.
+
+The two figures answer different questions and are never mixed (``TRAFFIC_TERMS`` says so wherever they are
+shown): with the paper UNet, UDec's N is 26.4 % of FULL's over 15 rounds (round 1's full download included), its
+all-reduce 23.9 % of FULL's bytes in every round. A single process has no collective: its rows say
+``"collective": false`` beside ``bytes`` 0 (numeric fields stay numbers), and the round line ``NO_COLLECTIVE``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ from typing import Any
 
 from fedrun.methods import GROUPS, RoundPlan, plan_round
 from fedrun.rundir import atomic_write_bytes
+
+TRAFFIC_TERMS = (
+    "N           parameters over the whole run by the paper's count (star topology): every client downloads",
+    "            the whole model in round 1, then the averaged groups, and uploads what it shares",
+    "all-reduce  bytes one rank hands to its all-reduce in one round, what fedrun really sends (a ring moves",
+    "            about 2(W-1)/W of it per rank); a single process has no collective and sends nothing",
+)
+"""The two traffic figures in words, for every place that shows them (``fedrun info``, the README)."""
+NO_COLLECTIVE = "no collective (1 process)"
+"""A single-process round's exchange: its clients are averaged in memory, nothing goes over a wire."""
+
+
+def wire_text(bytes_moved: int, collective: bool) -> str:
+    """A round's exchange for the round line: 'all-reduce 11.43 MiB/rank', or ``NO_COLLECTIVE``."""
+    return f"all-reduce {bytes_moved / 2**20:,.2f} MiB/rank" if collective else NO_COLLECTIVE
 
 
 def _total(sizes: Mapping[str, int]) -> int:
@@ -102,9 +122,11 @@ class CommLog:
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(
-        self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0
+        self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0, collective: bool = True
     ) -> dict[str, Any]:
-        """Record one round; returns the row (also written to the file where there is one)."""
+        """Record one round; returns the row (also written to the file where there is one). ``collective``
+        False: a single process, whose ``bytes`` 0 mean 'no collective', not 'free': the row says
+        ``"collective": false``."""
         self.paper_params_cum += int(paper_params)
         self.bytes_cum += int(bytes_moved)
         row = {
@@ -114,6 +136,8 @@ class CommLog:
             "bytes": int(bytes_moved),
             "bytes_cum": self.bytes_cum,
             "sync_seconds": float(sync_seconds),
+            # Only where there was none (older files and multi-rank rows lack it: read it as true).
+            **({} if collective else {"collective": False}),
         }
         self.rows.append(row)
         if self.path is not None:

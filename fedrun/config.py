@@ -208,6 +208,9 @@ class RunConfig:
     None = the test split of data.dataset."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
+    threads: int = 0
+    """Intra-op CPU threads of each rank (torch.set_num_threads); 0 = auto: $OMP_NUM_THREADS when set, else the
+    cores this process may use divided by the ranks on its node (``fedrun.threads``)."""
     dist_timeout_s: int = 600
     """Process-group timeout: a dead peer ends in an error after this long, never a silent hang."""
     preset: str | None = None
@@ -224,6 +227,7 @@ class RunConfig:
         check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
         check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
         choice("device", self.device.split(":")[0], DEVICES)
+        check(self.threads >= 0, "threads", self.threads, "allowed: 0 (auto) or a positive integer")
         check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
         if self.name is not None:
             # The run directory stays inside out_dir: a name is a relative path without '..'.

@@ -12,7 +12,7 @@ import json
 import sys
 
 from fedrun.args import add_config_arguments, config_from_args
-from fedrun.comm import collective_bytes_per_round, paper_total, usplit_range
+from fedrun.comm import TRAFFIC_TERMS, collective_bytes_per_round, paper_total, usplit_range
 from fedrun.config import EXCHANGE_DTYPES, PARTITIONS, TORCHVISION_DATASETS, RunConfig, default_data_root
 from fedrun.methods import METHOD_NAMES, get_method, plan_round
 from fedrun.partition import class_histograms, format_partition, partition
@@ -20,7 +20,8 @@ from unet import GROUPS, group_sizes, parameter_groups
 
 
 def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
-    """Parameters per group, the paper's count N per method and the all-reduce bytes per round and rank."""
+    """Parameters per group, the paper's count N per method over the run, and the bytes of one rank's all-reduce
+    per round (two figures: ``fedrun.comm.TRAFFIC_TERMS``)."""
     from fedrun.build import build_model  # torch: only when the command runs
 
     model = build_model(cfg)
@@ -45,26 +46,38 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
         "rounds": rounds,
         "comm": comm,
         "bytes_per_round_per_rank": bytes_per_round,
+        "units": {"comm": "N: parameters over all rounds, the paper's count (star topology, round 1's download "
+                          "of the whole model included); usplit: [min, max] over role draws",
+                  "bytes_per_round_per_rank": "bytes one rank hands to its all-reduce in one round, by exchange "
+                                              "dtype (0 on the wire with a single process: no collective)"},
     }
 
 
+def _span(lo: float, hi: float, fmt: str, scale: float) -> str:
+    """'a' or 'a .. b', each scaled and formatted."""
+    return format(lo * scale, fmt) if lo == hi else f"{lo * scale:{fmt}} .. {hi * scale:{fmt}}"
+
+
 def format_info(d: dict) -> str:
+    """The text of ``fedrun info``: the parameter groups, then both traffic figures per method, each named."""
     p = d["params"]
     lines = [f"model {d['model']['arch']} for {d['model']['dataset']}: {p['total']:,} parameters"]
     for g in GROUPS:
         lines.append(f"  {g:<10} {p[g]:>12,}  {100 * p[g] / p['total']:5.1f} %")
-    lines.append(f"paper count N (parameters, star topology) for K={d['clients']}, R={d['rounds']}:")
+    K, R = d["clients"], d["rounds"]
+    lines += [f"communication of K={K} clients over R={R} rounds, two figures that are not comparable:",
+              *(f"  {line}" for line in TRAFFIC_TERMS),
+              f"  {'method':<8} {'N over the run':<28} {'of full':<16} {'all-reduce per round and rank':<32} of full"]
     full = d["comm"]["full"]
+    full_bytes = d["bytes_per_round_per_rank"]["full"]["fp32"]
     for m in METHOD_NAMES:
         v = d["comm"][m]
-        if isinstance(v, list):
-            txt = f"{v[0] / 1e6:,.2f} .. {v[1] / 1e6:,.2f} x 10^6" if v[0] != v[1] else f"{v[0] / 1e6:,.2f} x 10^6"
-            rel = f"{100 * v[0] / full:.1f}..{100 * v[1] / full:.1f} % of full"
-        else:
-            txt, rel = f"{v / 1e6:,.2f} x 10^6", f"{100 * v / full:.1f} % of full"
+        lo, hi = v if isinstance(v, list) else (v, v)  # usplit: the range over role draws
         b = d["bytes_per_round_per_rank"][m]
         per_dtype = ", ".join(f"{b[dt] / 2**20:,.2f} MiB {dt}" for dt in EXCHANGE_DTYPES)
-        lines.append(f"  {m:<8} {txt:<28} {rel:<22} all-reduce/round/rank: {per_dtype}")
+        lines.append(f"  {m:<8} {_span(lo, hi, ',.2f', 1e-6) + ' x 10^6':<28} "
+                     f"{_span(lo, hi, '.1f', 100 / full) + ' %':<16} {per_dtype:<32} "
+                     f"{100 * b['fp32'] / full_bytes:.1f} %")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from fedrun import checkpoint as ckpt
 from fedrun import dist
 from fedrun.build import image_shape
 from fedrun.client import derive_seed, local_steps
-from fedrun.comm import CommLog, paper_round_count
+from fedrun.comm import NO_COLLECTIVE, CommLog, paper_round_count, wire_text
 from fedrun.config import ConfigError, RunConfig
 from fedrun.hooks import Scorer, ScorerFactory
 from fedrun.methods import GROUPS, RoundPlan, get_method
@@ -116,6 +116,7 @@ class Run:
         if self.start_round == 0:
             self.sink.info(f"{fed.method} | {fed.clients} clients on {self.ctx.world_size} rank(s) | sizes "
                            f"{h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}")
+            self.sink.config(self.cfg.to_json(), self.cfg.to_flat_dict(), metrics=("round/loss", "fid/train"))
 
     def rounds(self) -> range:
         """The rounds still to run (from 1)."""
@@ -142,7 +143,9 @@ class Run:
                                     tuple[dict[int, float], int, int], "round losses").values()
         all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
         paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
-        row = self.comm_log.append(rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s)
+        collective = self.ctx.world_size > 1  # one process averages in memory: its 0 bytes mean none, not free
+        row = self.comm_log.append(rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s,
+                                   collective=collective)
         stats = RoundStats(rnd, loss=float(np.mean(list(all_losses.values()))),
                            images_per_s=sum(n for _, n, _ in per_rank) / max(compute_s + sync_s, 1e-9),
                            compute_s=compute_s, sync_s=sync_s)
@@ -153,10 +156,13 @@ class Run:
         sink.scalar(f"comm/paper_params_cum/{fed.method}", row["paper_params_cum"], rnd)
         sink.scalar(f"comm/bytes_cum/{fed.method}", row["bytes_cum"], rnd)
         sink.scalar("comm/bytes_all_ranks", sum(b for _, _, b in per_rank), rnd)
+        if not collective and rnd == 1:  # once per run: those 0s mean no collective, not a free one
+            sink.text("comm/bytes", f"{NO_COLLECTIVE}: the clients are averaged in memory; comm/bytes_* stay 0", rnd)
         sink.scalar("time/compute_s", compute_s, rnd)
         sink.scalar("time/sync_s", sync_s, rnd)
         sink.scalar("throughput/images_per_s", stats.images_per_s, rnd)
-        sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s)
+        sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s,
+                       comm=wire_text(sync.bytes, collective))
         return stats
 
     def _trainable(self, plan: RoundPlan, client: int) -> set[str] | None:
@@ -267,7 +273,7 @@ class Run:
         dist.barrier()
         if self.ctx.is_main:
             self.dir.mark_done(self.cfg.federation.rounds)
-            self.sink.info(f"done; outputs in {self.dir.root} (tensorboard --logdir {self.dir.tb})")
+            self.sink.info(f"done; outputs in {self.dir.root} (tensorboard --logdir {self.cfg.out_dir})")
 
 
 def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink) -> bool:

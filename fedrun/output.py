@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,14 +45,18 @@ class Sink:
     def text(self, tag: str, text: str, step: int) -> None:
         pass
 
+    def config(self, text: str, fields: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
+        """The run's resolved config, once per run: ``text`` (its JSON) and ``fields`` (dotted name -> value, for
+        TensorBoard's hparams table, beside the scalar tags ``metrics``)."""
+
     def start_rounds(self, total_rounds: int, start_round: int, steps_per_round: int) -> None:
         """Rounds ``start_round + 1 .. total_rounds`` follow, of about ``steps_per_round`` local steps each."""
 
     def advance_steps(self, n: int) -> None:
         pass
 
-    def end_round(self, rnd: int, loss: float, images_per_s: float, sync_s: float) -> None:
-        pass
+    def end_round(self, rnd: int, loss: float, images_per_s: float, sync_s: float, comm: str = "") -> None:
+        """Round ``rnd`` is over; ``comm``: what its exchange moved, in words (``fedrun.comm.wire_text``)."""
 
     def flush(self) -> None:
         pass
@@ -88,7 +92,7 @@ class ConsoleSink(Sink):
         if self._bar is not None:
             self._bar.update(n)
 
-    def end_round(self, rnd: int, loss: float, images_per_s: float, sync_s: float) -> None:
+    def end_round(self, rnd: int, loss: float, images_per_s: float, sync_s: float, comm: str = "") -> None:
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(rnd - self._start, 1) * (self._total - rnd)
         if self._bar is not None:
@@ -96,7 +100,8 @@ class ConsoleSink(Sink):
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", sync=f"{sync_s:.3f}s")
         else:
             print(f"round {rnd}/{self._total} | loss {loss:.4f} | {images_per_s:.1f} img/s | sync {sync_s:.3f}s | "
-                  f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}", file=self.stream, flush=True)
+                  f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}" + (f" | {comm}" if comm else ""),
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -108,8 +113,11 @@ class TensorBoardSink(ConsoleSink):
     """``ConsoleSink`` plus TensorBoard event files under ``log_dir``.
 
     The event writer opens at ``start_rounds`` (or at the first metric), never earlier, so a run that turns out
-    to be finished already leaves no event file behind. ``purge_step`` drops the events of steps a resumed run
-    will redo; None = ``start_round + 1`` of ``start_rounds``.
+    to be finished already leaves no event file behind. ``purge_step`` drops the events at and after that step,
+    which this writer then writes anew (TensorBoard honours it across event files); None = from
+    ``start_rounds``: ``start_round + 1`` on a resume, 0 on a fresh start (a first attempt that died before
+    its first checkpoint leaves no step behind, its config included). TensorBoard names a run after its
+    folder: the run directory itself, so ``tensorboard --logdir runs/`` lists runs by their names.
     """
 
     def __init__(self, log_dir: Path, purge_step: int | None = None, stream: TextIO | None = None) -> None:
@@ -127,7 +135,7 @@ class TensorBoardSink(ConsoleSink):
     def start_rounds(self, total_rounds: int, start_round: int, steps_per_round: int) -> None:
         super().start_rounds(total_rounds, start_round, steps_per_round)
         if self._writer is None and self._purge_step is None:
-            self._purge_step = start_round + 1
+            self._purge_step = start_round + 1 if start_round else 0
         self._events()
 
     def scalar(self, tag: str, value: float, step: int) -> None:
@@ -138,6 +146,19 @@ class TensorBoardSink(ConsoleSink):
 
     def text(self, tag: str, text: str, step: int) -> None:
         self._events().add_text(tag, text, step)
+
+    def config(self, text: str, fields: Mapping[str, Any], metrics: Sequence[str] = ()) -> None:
+        """The config as text (tag ``config``) and as hparams of this run, at step 0: in the run's own event
+        files, not the sub-run ``SummaryWriter.add_hparams`` makes."""
+        from torch.utils.tensorboard.summary import hparams
+
+        events = self._events()
+        events.add_text("config", "```json\n" + text + "\n```", 0)  # Markdown: a code block keeps the layout
+        # hparams takes numbers, strings and booleans: None and tuples as text.
+        values = {k: v if isinstance(v, (bool, int, float, str)) else "none" if v is None else str(v)
+                  for k, v in fields.items()}
+        for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
+            events.file_writer.add_summary(summary, 0)
 
     def flush(self) -> None:
         if self._writer is not None:

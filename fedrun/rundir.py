@@ -4,10 +4,11 @@ change, and atomic writes.
 Layout::
 
     config.json        the resolved config of the run          comm.jsonl   per-round communication
-    checkpoints/       round checkpoints (fedrun.checkpoint)    tb/          TensorBoard events
+    checkpoints/       round checkpoints (fedrun.checkpoint)    events.out.tfevents.*   TensorBoard (training)
     models/            final weights: global[_ema].pt or client{k}[_ema].pt (labels from the Method)
     samples/           final.png (a global model) or final_client{k}.png (one per client)
     eval/              samples, grids and reference statistics of ``fedrun eval``    fid.json   its scores
+    scores/            TensorBoard events of fid.json's scores (a TensorBoard run '<name>/scores')
     DONE               written last: {"rounds": R, "time": ...}; sweeps skip finished runs
 
 Training, Slurm and evaluation all ask a ``RunDir``; nothing else spells these names.
@@ -26,7 +27,7 @@ from typing import Any
 RESUMABLE_CHANGES = frozenset({
     "data.root", "data.download", "data.placement", "federation.rounds", "out_dir", "name", "checkpoint_every",
     "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "fid_samples", "fid_ref",
-    "device", "dist_timeout_s", "preset", "optim.compile", "optim.amp",
+    "device", "dist_timeout_s", "preset", "optim.compile", "optim.amp", "threads",
 })
 """Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are,
 how long it runs, what it logs, how fast it computes. Any other difference changes the result and is refused."""
@@ -100,7 +101,15 @@ class RunDir:
 
     @property
     def tb(self) -> Path:
-        return self.root / "tb"
+        """Training's TensorBoard events: the run directory itself, since TensorBoard names a run after the
+        folder of its events (``tensorboard --logdir runs/`` then lists the run as ``<name>``)."""
+        return self.root
+
+    @property
+    def scores_tb(self) -> Path:
+        """``fedrun eval``'s TensorBoard events (TensorBoard run ``<name>/scores``): apart from training's, so a
+        repeated eval can replace its points without touching training's last round."""
+        return self.root / "scores"
 
     @property
     def models(self) -> Path:

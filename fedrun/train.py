@@ -14,6 +14,7 @@ from fedrun.agreement import check_run_config
 from fedrun.config import ConfigError, RunConfig
 from fedrun.hooks import ScorerFactory
 from fedrun.loop import Run
+from fedrun.threads import apply_threads, restore_threads
 
 
 def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
@@ -31,11 +32,14 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
         raise ConfigError(f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
                           f"every rank hosts at least one client (use --clients >= {W})")
     ctx = dist.init_distributed(cfg.device, cfg.dist_timeout_s)
+    # Chosen on purpose (fedrun.threads): on a busy CPU the count swings a step's speed 5-10x.
+    threads = apply_threads(cfg.threads)
     try:
         check_run_config(cfg)  # every rank the same run, before anything is read or written
         run = Run.open(cfg, ctx, scorer_factory)
         if run is None:  # finished already: nothing was built
             return Path(cfg.run_dir())
+        run.sink.info(threads.describe())
         with run:  # closes the sink, also on an error
             run.resume()
             for r in run.rounds():
@@ -53,3 +57,4 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
         return run.dir.root
     finally:
         dist.cleanup()
+        restore_threads(threads)  # a caller's own setting (a test, a notebook) is left as it was

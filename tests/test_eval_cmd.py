@@ -22,6 +22,7 @@ from fedrun.cli import build_parser
 from fedrun.cli import main as fedrun_main
 from fedrun.config import apply_overrides
 from fedrun.presets import get_preset
+from fedrun.rundir import RunDir
 
 
 def _tiny_run(root: Path, method: str = "full", ema: bool = False) -> Path:
@@ -155,7 +156,7 @@ def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home,
     # The FID in the file is the FID of the saved samples.
     ref = F.load_stats(fid_stats_path)
     assert out["fid"] == pytest.approx(F.fid_of_images(torch.from_numpy(x), ref), rel=1e-9)
-    assert _scalars(run / "tb") == {"fid/raw": [pytest.approx(out["fid"])]}
+    assert _scalars(RunDir(run).scores_tb) == {"fid/raw": [pytest.approx(out["fid"])]}
 
 
 @pytest.mark.slow
@@ -177,7 +178,7 @@ def test_eval_udec_run_reports_one_fid_per_client_raw_and_ema(tmp_path, torch_ho
     files = sorted(p.name for p in (run / "eval").iterdir())
     assert files == sorted(f"{kind}_{c}_{w}.{ext}" for c in ("client0", "client1") for w in ("raw", "ema")
                            for kind, ext in (("grid", "png"), ("samples", "npz")))
-    tags = _scalars(run / "tb")
+    tags = _scalars(RunDir(run).scores_tb)
     assert set(tags) == {"fid/raw", "fid/ema", "fid/raw/client0", "fid/raw/client1", "fid/ema/client0",
                          "fid/ema/client1"}
     assert tags["fid/ema/client1"] == [pytest.approx(out["results"]["ema"]["per_client"][1])]

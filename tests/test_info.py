@@ -27,3 +27,21 @@ def test_info_text_and_bad_value():
     assert p.returncode == 0 and "179.78 x 10^6" in p.stdout and "2,996,315 parameters" in p.stdout
     p = subprocess.run([sys.executable, "-m", "fedrun", "info", "--method", "fedsgd"], capture_output=True, text=True)
     assert p.returncode == 2 and "federation.method='fedsgd'" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_info_names_each_traffic_figure(capsys):
+    """N (parameters over the run, the paper's count) and the all-reduce bytes per round are two figures: UDec is
+    26.4 % of FULL by the first and 23.9 % by the second, and the text says which is which."""
+    from fedrun.comm import TRAFFIC_TERMS
+
+    assert main(["info", "--preset", "paper-fmnist", "--clients", "5", "--rounds", "15"]) == 0
+    out = capsys.readouterr().out
+    assert "communication of K=5 clients over R=15 rounds" in out
+    assert all(line in out for line in TRAFFIC_TERMS)
+    assert "N over the run" in out and "all-reduce per round and rank" in out
+    udec = next(line for line in out.splitlines() if line.strip().startswith("udec"))
+    assert udec.split()[1:5] == ["118.84", "x", "10^6", "26.4"] and udec.rstrip().endswith("23.9 %")
+    assert "% of full" not in out  # the old, unnamed ratio
+    assert main(["info", "--preset", "paper-fmnist", "--json"]) == 0
+    units = json.loads(capsys.readouterr().out)["units"]
+    assert "paper's count" in units["comm"] and "in one round" in units["bytes_per_round_per_rank"]

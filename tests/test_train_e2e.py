@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from fedrun.comm import read_comm_log
+from fedrun.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -78,7 +79,7 @@ def test_tensorboard_events_have_expected_tags(repo_root, fmnist_root, tmp_path)
 
     run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--name", "tb",
                            "--rounds", "3", "--set", "sample_every=2"])
-    acc = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    acc = EventAccumulator(str(RunDir(tmp_path / "tb").tb))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
     expected = {"client/0/loss", "client/1/loss", "round/loss", "comm/paper_params_cum/full",
@@ -216,7 +217,7 @@ def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_s
         else:
             os.environ["TORCH_HOME"] = env_home
     assert "round 2: FID" in p.stderr
-    acc = EventAccumulator(str(tmp_path / "f" / "tb"))
+    acc = EventAccumulator(str(RunDir(tmp_path / "f").tb))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"fid/train", "fid/train/client0", "fid/train/client1"} <= tags
@@ -264,7 +265,7 @@ def test_fid_during_training_calls_the_factory_once_and_scores_every_model(fmnis
     assert len(seeds) == 4 and seeds[:2] == seeds[2:] and seeds[0] != seeds[1]  # 2 clients x 2 rounds
     err = capsys.readouterr().err
     assert "fedrun: round 1: FID 11.50 (2 model(s)" in err and "round 2: FID 13.50" in err
-    acc = EventAccumulator(str(run_dir / "tb"))
+    acc = EventAccumulator(str(RunDir(run_dir).tb))
     acc.Reload()
     assert [e.value for e in acc.Scalars("fid/train/client1")] == [12.0, 14.0]
     assert [e.step for e in acc.Scalars("fid/train")] == [1, 2]
