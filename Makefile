@@ -24,6 +24,16 @@ lint: install
 test-assets: install
 	$(PY) tests/fetch_assets.py
 
+# Where slurm/start_cluster.sh keeps its pid files (its FEDRUN_SLURM_BASE).
+SLURM_BASE ?= $(or $(FEDRUN_SLURM_BASE),/tmp/fedrun-slurm)
+
+# pytest's exit status is kept; the last lines say whether a local Slurm is left running and how to stop it.
 test: install lint test-assets
 	@bash slurm/start_cluster.sh || echo "make test: Slurm could not be started here; Slurm tests will be skipped"
-	$(PY) -m pytest -q
+	@echo "$(PY) -m pytest -q"; $(PY) -m pytest -q; rc=$$?; \
+	pid=$$(cat "$(SLURM_BASE)/run/slurmctld.pid" 2>/dev/null); \
+	if [ -n "$$pid" ] && [ -d "/proc/$$pid" ]; then \
+	  echo "make test: a local Slurm is still running for the Slurm tests (slurmctld pid $$pid, with slurmd," \
+	       "slurmdbd, mariadbd and munged); it keeps running until you stop it:"; \
+	  echo "make test:   sudo bash slurm/stop_cluster.sh     (PURGE=1 also deletes $(SLURM_BASE))"; \
+	fi; exit $$rc
