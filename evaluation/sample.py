@@ -187,6 +187,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     or missing parameter is an error naming it.
     """
     sd = torch.load(path, map_location="cpu", weights_only=True)
+    bad = [n for n, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # a diverged model samples noise and scores as a result: refuse it
+        raise EvalError(f"{path} has non-finite weights ({bad[0]} and {len(bad) - 1} more tensor(s)): the run "
+                        "diverged; train it again with a lower --lr")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = {n for n, _ in model.named_parameters()}
     missing_params = [n for n in missing if n in params]

@@ -1,16 +1,24 @@
-"""Complete, atomic, verifiable round checkpoints.
+"""Complete, atomic, verifiable round checkpoints, written by each rank into its own run directory.
 
-Layout under the run directory::
+Layout under a rank's run directory::
 
-    checkpoints/round-000003/shared.pt      rank 0: round, config, counters (what all clients share)
-    checkpoints/round-000003/client-0002.pt the rank hosting client 2: its whole state
-    checkpoints/round-000003/MANIFEST.json  rank 0, last: file names + sha256 (the round is complete)
-    checkpoints/latest                      rank 0, after the manifest: "round-000003"
+    checkpoints/round-000003/shared.pt            rank 0: round, config, counters (what all clients share)
+    checkpoints/round-000003/client-0002.pt       the rank hosting client 2: its whole state
+    checkpoints/round-000003/MANIFEST-rank1.json  each rank, after its files: their names + sha256
+    checkpoints/latest                            rank 0, once every rank has sealed the round: "round-000003"
+
+Each rank writes and verifies only its own part (its clients' files, and rank 0 the shared one), so the
+ranks need no shared filesystem: with one, the parts of a round lie side by side in one folder; without
+one, each site holds its own. A round counts as complete when every rank reports its part sealed (a
+collective in ``fedrun.resume``, not a file listing), and a resume starts from the newest round every rank
+has intact. A part is intact when every file it needs is listed, with its checksum, by a manifest in the
+round folder (any rank's: with a shared filesystem a resume on other ranks finds each client's file; the
+single ``MANIFEST.json`` of older runs counts too).
 
 Every file is written to a temporary name and renamed (``fedrun.rundir``'s atomic writers), so a crash
 leaves either the old or the new file, never half of one. Loading uses ``torch.load(weights_only=True)``: a
-checkpoint holds only tensors and plain Python values and can never execute code. A round directory whose
-manifest is missing or whose checksums do not match is reported and skipped in favour of the previous one.
+checkpoint holds only tensors and plain Python values and can never execute code. Folders in
+``checkpoints/`` that are not named ``round-NNNNNN`` (a user's ``round-000004.bak``) are never read or pruned.
 """
 
 from __future__ import annotations
@@ -18,17 +26,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedrun.output import ConsoleSink
-from fedrun.rundir import RunDir, atomic_write_bytes
+from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes
 
 MANIFEST = "MANIFEST.json"
+"""The one manifest of runs written before each rank sealed its own part (still read)."""
+_ROUND = re.compile(r"round-(\d{6,})")
+_MANIFESTS = "MANIFEST*.json"
+
+Warn = Callable[[str], None]
 
 
 def round_dir(run_dir: str | os.PathLike[str], rnd: int) -> Path:
@@ -44,6 +58,11 @@ def shared_file(rnd_dir: Path) -> Path:
     return rnd_dir / "shared.pt"
 
 
+def manifest_file(rnd_dir: Path, rank: int) -> Path:
+    """The manifest of ``rank``'s part of a round."""
+    return rnd_dir / f"MANIFEST-rank{rank}.json"
+
+
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
     """``torch.load`` of tensors and plain values only: a checkpoint can never execute code."""
     return torch.load(path, map_location=map_location, weights_only=True)
@@ -57,55 +76,133 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def finalize(run_dir: str | os.PathLike[str], rnd: int, num_clients: int, keep: int) -> None:
-    """Rank 0, after every rank has written its files: manifest, then `latest`, then prune."""
+def round_dirs(run_dir: str | os.PathLike[str], warn: Warn | None = None) -> dict[int, Path]:
+    """The round folders of ``checkpoints/`` by round, ascending. Anything else there is left alone (and
+    reported to ``warn`` when its name starts with ``round-``: a copy or backup a user made)."""
     base = RunDir(run_dir).checkpoints
-    rdir = round_dir(run_dir, rnd)
-    names = [shared_file(rdir).name] + [client_file(rdir, k).name for k in range(num_clients)]
-    missing = [n for n in names if not (rdir / n).exists()]
+    if not base.is_dir():
+        return {}
+    found: dict[int, Path] = {}
+    for p in base.iterdir():
+        m = _ROUND.fullmatch(p.name)
+        if m and p.is_dir():
+            found[int(m.group(1))] = p
+        elif p.name.startswith("round-") and warn is not None:
+            warn(f"{p} is not a round checkpoint (round-NNNNNN): ignored")
+    return dict(sorted(found.items()))
+
+
+# -- writing a part ----------------------------------------------------------------------------------
+def write_part(rnd_dir: Path, rank: int, files: Mapping[str, Any]) -> None:
+    """Write this rank's files of a round (name -> object for ``torch.save``), then seal them.
+
+    A manifest left from an earlier attempt at this round is removed first: the part is incomplete until the
+    new files are all on disk and the new manifest names them.
+    """
+    manifest_file(rnd_dir, rank).unlink(missing_ok=True)
+    for name, obj in files.items():
+        atomic_save(obj, rnd_dir / name)
+    seal(rnd_dir, rank, list(files))
+
+
+def seal(rnd_dir: Path, rank: int, names: Iterable[str]) -> None:
+    """Write ``rank``'s manifest: the checksums of its files as they are on disk (read back, so a file that
+    did not reach the disk is noticed here). RuntimeError when one is missing."""
+    names = list(names)
+    missing = [n for n in names if not (rnd_dir / n).is_file()]
     if missing:
-        raise RuntimeError(f"checkpoint {rdir} is incomplete, missing {missing[:3]}")
-    manifest = {"round": rnd, "files": {n: _sha256(rdir / n) for n in names}}
-    atomic_write_bytes(rdir / MANIFEST, json.dumps(manifest, indent=1).encode())
-    atomic_write_bytes(base / "latest", rdir.name.encode())
-    for old in sorted(p for p in base.glob("round-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        raise RuntimeError(f"checkpoint {rnd_dir} is incomplete, missing {missing[:3]}")
+    manifest = {"round": _round_of(rnd_dir), "rank": rank, "files": {n: _sha256(rnd_dir / n) for n in names}}
+    atomic_write_bytes(manifest_file(rnd_dir, rank), json.dumps(manifest, indent=1).encode())
 
 
-def verify(rdir: Path) -> str | None:
-    """None if the round directory is complete and intact, else a one-line reason."""
-    mpath = rdir / MANIFEST
-    if not mpath.exists():
-        return "no manifest (the round was not finished writing)"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return f"unreadable manifest ({e})"
-    for name, digest in manifest["files"].items():
-        p = rdir / name
-        if not p.exists():
+def mark_latest(run_dir: str | os.PathLike[str], rnd: int) -> None:
+    """Rank 0, once every rank sealed round ``rnd``: ``checkpoints/latest`` (a pointer for people and tools;
+    a resume does not need it)."""
+    atomic_write_bytes(RunDir(run_dir).checkpoints / "latest", round_dir(run_dir, rnd).name.encode())
+
+
+def prune(run_dir: str | os.PathLike[str], rnd: int, keep: int) -> None:
+    """Keep the newest ``keep`` rounds up to ``rnd``; delete older round folders. Rounds after ``rnd`` (left by
+    an attempt that got further before the round resumed) are kept until they are written again."""
+    done = [p for r, p in round_dirs(run_dir).items() if r <= rnd]
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)  # with a shared filesystem, every rank prunes the same folders
+
+
+# -- verifying a part --------------------------------------------------------------------------------
+def _round_of(rnd_dir: Path) -> int:
+    m = _ROUND.fullmatch(rnd_dir.name)
+    if m is None:
+        raise ValueError(f"{rnd_dir} is not a round folder (round-NNNNNN)")
+    return int(m.group(1))
+
+
+def _listed(rnd_dir: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """File name -> the checksums the round folder's manifests give it, and a reason per unusable manifest."""
+    listed: dict[str, set[str]] = {}
+    bad: list[str] = []
+    for mpath in sorted(rnd_dir.glob(_MANIFESTS)):
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            bad.append(f"{mpath.name} is unreadable ({e})")
+            continue
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not files or not all(
+                isinstance(n, str) and Path(n).name == n and isinstance(d, str) for n, d in files.items()):
+            bad.append(f"{mpath.name} is malformed (no 'files' of names and checksums)")
+            continue
+        for name, digest in files.items():
+            listed.setdefault(name, set()).add(digest)
+    return listed, bad
+
+
+def verify(rnd_dir: Path, needed: Iterable[str] | None = None) -> str | None:
+    """None if the files ``needed`` (None: every file the manifests list) are in ``rnd_dir`` and match a
+    manifest's checksum, else a one-line reason."""
+    listed, bad = _listed(rnd_dir)
+    names = sorted(listed) if needed is None else list(needed)
+    if not names:
+        return "; ".join(bad) if bad else "no manifest (the round was not finished writing)"
+    for name in names:
+        p = rnd_dir / name
+        if name not in listed:
+            return "; ".join(bad) if bad else f"no manifest lists {name} (the round was not finished writing)"
+        if not p.is_file():
             return f"{name} is missing"
-        if _sha256(p) != digest:
+        if _sha256(p) not in listed[name]:
             return f"{name} fails its checksum (truncated or corrupt)"
     return None
 
 
-def find_resumable(run_dir: str | os.PathLike[str],
-                   warn: Callable[[str], None] | None = None) -> tuple[int, Path] | None:
-    """The newest intact checkpoint as (round, its directory): `latest` first, then older rounds. Each broken
-    one is reported to ``warn`` (default: a warning on stderr) and skipped."""
+def intact_rounds(run_dir: str | os.PathLike[str], needed: Iterable[str] | None = None,
+                  warn: Warn | None = None) -> Iterator[tuple[int, Path]]:
+    """This rank's intact rounds, newest first, as (round, its folder); each verified only when reached.
+
+    ``needed``: the files this rank loads (None: every file a manifest lists). Each unusable round passed on
+    the way is reported to ``warn`` (default: a warning on stderr), and so is a ``latest`` naming a round
+    that is not there.
+    """
     warn = warn or ConsoleSink().warn
-    base = RunDir(run_dir).checkpoints
-    if not base.is_dir():
-        return None
-    candidates = sorted((p for p in base.glob("round-*") if p.is_dir()), reverse=True)
-    latest = base / "latest"
-    if latest.exists():
-        name = latest.read_text().strip()
-        candidates.sort(key=lambda p: (p.name != name, -int(p.name.split("-")[1])))
-    for rdir in candidates:
-        reason = verify(rdir)
+    needed = None if needed is None else list(needed)
+    rounds = round_dirs(run_dir, warn)
+    latest = RunDir(run_dir).checkpoints / "latest"
+    if latest.is_file():
+        name = latest.read_text(errors="replace").strip()
+        m = _ROUND.fullmatch(name)
+        if m is None or int(m.group(1)) not in rounds:
+            warn(f"{latest} names {name!r}, which is not in {latest.parent}: using the newest intact round")
+    for rnd in sorted(rounds, reverse=True):
+        reason = verify(rounds[rnd], needed)
         if reason is None:
-            return int(rdir.name.split("-")[1]), rdir
-        warn(f"checkpoint {rdir} is unusable: {reason}; trying the previous one")
-    return None
+            yield rnd, rounds[rnd]
+        else:
+            warn(f"checkpoint {rounds[rnd]} is unusable: {reason}; trying the previous one")
+
+
+def find_resumable(run_dir: str | os.PathLike[str], warn: Warn | None = None,
+                   needed: Iterable[str] | None = None) -> tuple[int, Path] | None:
+    """This rank's newest intact round as (round, its folder), or None (see ``intact_rounds``). Several ranks
+    agree on theirs with ``fedrun.resume.agree_round``."""
+    return next(intact_rounds(run_dir, needed, warn), None)

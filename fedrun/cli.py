@@ -106,6 +106,9 @@ def run_failure(e: BaseException) -> str | None:
     fdist = sys.modules.get("fedrun.dist")
     if fdist is not None and isinstance(e, fdist.PeerError):
         return str(e)
+    floop = sys.modules.get("fedrun.loop")
+    if floop is not None and isinstance(e, floop.DivergedError):  # the run diverged: the line says what to do
+        return str(e)
     tdist = sys.modules.get("torch.distributed")
     text = _TORCH_WHERE.sub("", _TORCH_NOISE.sub("", " ".join(str(e).split()))).rstrip(".")
     if tdist is None or not (isinstance(e, tdist.DistError) or re.search(r"gloo|nccl", str(e), re.IGNORECASE)):

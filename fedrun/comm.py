@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,10 @@ class CommLog:
 
     Every rank may keep one (the totals are then known everywhere); give ``path`` only on rank 0, which
     appends one JSON line per round. On a resume, pass the round of the checkpoint as ``truncate_after``
-    (records of later rounds, about to be run again, are dropped from the file) and the totals saved in the
-    checkpoint (``counters()``).
+    and the totals saved in the checkpoint (``counters()``): the file is rewritten with its rows up to that
+    round (later ones are about to be run again). A line that does not parse (a crash while appending one),
+    and rows missing or disagreeing with the checkpoint's totals, are reported to ``warn``: the totals
+    continue from the checkpoint's counters whatever the file held.
     """
 
     def __init__(
@@ -112,14 +114,32 @@ class CommLog:
         truncate_after: int | None = None,
         paper_params_cum: int = 0,
         bytes_cum: int = 0,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self.paper_params_cum = int(paper_params_cum)
         self.bytes_cum = int(bytes_cum)
         self.rows: list[dict[str, Any]] = []
         if self.path is not None and truncate_after is not None and self.path.exists():
-            kept = [r for r in read_comm_log(self.path) if r["round"] <= truncate_after]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            self._rewrite(truncate_after, warn or (lambda msg: None))
+
+    def _rewrite(self, rnd: int, warn: Callable[[str], None]) -> None:
+        """Keep the readable rows of rounds 1..rnd (one each), report what was dropped or is missing."""
+        assert self.path is not None
+        rows, bad = _parse_rows(self.path.read_bytes().decode("utf-8", errors="replace"))
+        by_round = {r["round"]: r for r in rows if r["round"] <= rnd}
+        kept = [by_round[r] for r in sorted(by_round)]
+        if bad:
+            warn(f"{self.path}: dropped unreadable line(s) {bad[:5]} (a crash while appending); the rows of "
+                 f"rounds up to {rnd} are kept and the totals continue from the checkpoint")
+        missing = [r for r in range(1, rnd + 1) if r not in by_round]
+        if missing:
+            warn(f"{self.path} has no rows for round(s) {missing[:5]}; the totals continue from the checkpoint")
+        elif kept and (kept[-1]["paper_params_cum"], kept[-1]["bytes_cum"]) != (self.paper_params_cum,
+                                                                              self.bytes_cum):
+            warn(f"{self.path}: the totals of round {rnd} differ from its checkpoint's; later rows continue "
+                 "from the checkpoint")
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(
         self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0, collective: bool = True
@@ -151,7 +171,33 @@ class CommLog:
         return {"paper_params_cum": self.paper_params_cum, "bytes_cum": self.bytes_cum}
 
 
+_ROW_FIELDS = {"round": int, "paper_params": int, "paper_params_cum": int, "bytes": int, "bytes_cum": int,
+               "sync_seconds": (int, float)}
+
+
+def _parse_rows(text: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The valid rows of comm.jsonl text, and the numbers (from 1) of the lines that are not (blank lines
+    skipped)."""
+    rows, bad = [], []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and all(isinstance(row.get(k), t) and not isinstance(row.get(k), bool)
+                                         for k, t in _ROW_FIELDS.items()):
+            rows.append(row)
+        else:
+            bad.append(i)
+    return rows, bad
+
+
 def read_comm_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a comm.jsonl file, in order (blank lines skipped)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a comm.jsonl file, in order (blank lines skipped); ValueError naming the first line that
+    is not a row."""
+    rows, bad = _parse_rows(Path(path).read_text())
+    if bad:
+        raise ValueError(f"{path}: line {bad[0]} is not a comm.jsonl row")
+    return rows

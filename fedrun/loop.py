@@ -31,12 +31,29 @@ from fedrun import dist
 from fedrun.build import image_shape
 from fedrun.client import derive_seed, local_steps
 from fedrun.comm import NO_COLLECTIVE, CommLog, paper_round_count, wire_text
-from fedrun.config import ConfigError, RunConfig
+from fedrun.config import RunConfig
+from fedrun.exchange.adopt import Adopted
 from fedrun.hooks import Scorer, ScorerFactory
 from fedrun.methods import GROUPS, RoundPlan, get_method
-from fedrun.output import Sink, rank_sink
-from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes, config_differences
+from fedrun.output import ConsoleSink, Sink, rank_sink
+from fedrun.resume import agree_round, claim, gather_ints, resume_counters
+from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes
 from fedrun.setup import setup_clients
+
+
+class DivergedError(RuntimeError):
+    """Training diverged (a non-finite loss or average); raised on every rank alike, the message is one line."""
+
+
+_FINITE, _PARAMS, _LOSS_INF, _LOSS_NAN = 0, 1, 2, 3  # a client's status after a round, worst last
+
+
+def _params_finite(params: dict[str, torch.Tensor], adopted: Adopted | None, hosted: int) -> bool:
+    """Whether every parameter of a client is finite: one isfinite over the flat tensor a rank's single client
+    lives in (``Exchange.adopt``), else one per tensor, with one host sync either way."""
+    if adopted is not None and hosted == 1:
+        return bool(torch.isfinite(adopted.flat).all())
+    return bool(torch.stack([torch.isfinite(t).all() for t in params.values()]).all())
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,8 @@ class Run:
         self.labels = self.method.model_labels(cfg.federation.clients)
         self.hosted = setup_clients(cfg, ctx, self.method, sink)
         self.start_round = 0
+        self.last_checkpoint = 0
+        """The newest round checkpointed (or resumed from): kept when the run stops."""
         self.comm_log = CommLog()  # replaced by resume(), which knows the totals so far
         self._scorer_factory = scorer_factory
         self._scorer: Scorer | None = None
@@ -75,7 +94,8 @@ class Run:
         run_dir = RunDir(cfg.run_dir())
         sink = rank_sink(ctx.is_main, run_dir.tb)
         try:
-            if not _claim_run_dir(cfg, ctx, run_dir, sink):
+            if not claim(cfg, ctx.is_main, run_dir, sink.warn):
+                sink.info(f"{run_dir.root} already finished {cfg.federation.rounds} rounds; nothing to do")
                 sink.close()
                 return None
             run = cls(cfg, ctx, run_dir, sink, scorer_factory)
@@ -94,22 +114,23 @@ class Run:
 
     # -- rounds ----------------------------------------------------------------------------------
     def resume(self) -> None:
-        """Load the newest intact checkpoint, if any (every rank its own clients), then announce the rounds."""
+        """Load the newest round every rank has intact, if any (every rank its own clients), then announce the
+        rounds."""
         fed, h = self.cfg.federation, self.hosted
-        found = dist.broadcast_json(ckpt.find_resumable(self.dir, self.sink.warn) if self.ctx.is_main else None,
-                                    tuple[int, str] | None, what="checkpoint found")
-        counters = {"paper_params_cum": 0, "bytes_cum": 0}
-        if found is not None:
-            self.start_round, rdir = found[0], Path(found[1])
-            counters = ckpt.safe_load(ckpt.shared_file(rdir))["counters"]
+        needed = [ckpt.client_file(Path(), k).name for k in h.clients]
+        needed += [ckpt.shared_file(Path()).name] if self.ctx.is_main else []
+        self.start_round, rdir = agree_round(self.dir, needed, self.ctx.is_main, self._warn)
+        counters = resume_counters(rdir, self.ctx.is_main)
+        if rdir is not None:
             for k, client in h.clients.items():
                 client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
             self.sink.info(f"resuming {self.dir.root} after round {self.start_round} of {fed.rounds}")
+        self.last_checkpoint = self.start_round
         # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
         # model, or after a resume the checkpointed (already averaged) shared parameters.
         h.exchange.set_reference(h.first.params)
         self.comm_log = CommLog(self.dir.comm_log if self.ctx.is_main else None, truncate_after=self.start_round,
-                                **counters)
+                                warn=self.sink.warn, **counters)
         steps = sum(local_steps(c.size, self.cfg.optim.batch_size, fed.local_epochs, fed.max_local_steps)
                     for c in h.clients.values())
         self.sink.start_rounds(fed.rounds, self.start_round, steps)
@@ -137,6 +158,7 @@ class Run:
         compute_s = time.perf_counter() - t0
         sync = h.exchange.sync(plan, {k: c.params for k, c in h.clients.items()})
         sync_s = time.perf_counter() - t0 - compute_s
+        self._check_finite(rnd, losses)
 
         # One gather per round brings every rank's losses, images and bytes to rank 0.
         per_rank = dist.gather_dict({self.ctx.rank: (losses, images, sync.bytes)},
@@ -165,6 +187,35 @@ class Run:
                        comm=wire_text(sync.bytes, collective))
         return stats
 
+    def _check_finite(self, rnd: int, losses: dict[int, float]) -> None:
+        """Stop every rank alike (DivergedError) when a client's mean local loss of round ``rnd``, or any of its
+        parameters after the exchange, is not finite: a diverged run must end in an error, never in DONE.
+
+        Once per round, not per step: the mean loss is a sum over the steps (a NaN anywhere stays NaN), and one
+        isfinite over the client's parameters after the exchange catches a non-finite average. One all_gather
+        of a status per client lets every rank raise the same line (no rank waits for the others).
+        """
+        h = self.hosted
+        status = [_FINITE] * self.cfg.federation.clients
+        for k, client in h.clients.items():
+            if not math.isfinite(losses[k]):
+                status[k] = _LOSS_NAN if math.isnan(losses[k]) else _LOSS_INF
+            elif not _params_finite(client.params, h.exchange.adopted, len(h.clients)):
+                status[k] = _PARAMS
+        status = [max(col) for col in zip(*gather_ints(status), strict=True)]
+        if max(status) == _FINITE:
+            return
+        bad_loss = [k for k, s in enumerate(status) if s in (_LOSS_NAN, _LOSS_INF)]
+        if bad_loss:
+            k = bad_loss[0]
+            what = f"client {k}'s mean local loss is {'nan' if status[k] == _LOSS_NAN else 'inf'}"
+        else:
+            what = f"client(s) {[k for k, s in enumerate(status) if s]} hold non-finite parameters after the exchange"
+        kept = (f"keeps its checkpoints up to round {self.last_checkpoint}: lower optim.lr (--lr) and start a new "
+                "run (another --name)" if self.last_checkpoint else
+                "wrote no checkpoint: lower optim.lr (--lr) and start it again (the same --name starts anew)")
+        raise DivergedError(f"training diverged in round {rnd}: {what}; the run stops without DONE and {kept}")
+
     def _trainable(self, plan: RoundPlan, client: int) -> set[str] | None:
         """Parameter names ``client`` trains this round; None = the whole model."""
         groups = self.method.trainable(plan, client, self.cfg.federation.usplit_train)
@@ -173,17 +224,35 @@ class Run:
         return {n for g in groups for n in self.hosted.groups[g]}
 
     def checkpoint(self, rnd: int) -> None:
-        """Every rank writes its clients' states, rank 0 the shared state; the round counts once all are on disk."""
+        """Every rank writes and seals its part of round ``rnd`` in its own run directory (its clients' states;
+        rank 0 also the shared state); the round counts once every rank reports its part sealed."""
         rdir = ckpt.round_dir(self.dir, rnd)
-        for k, client in self.hosted.clients.items():
-            atomic_save(client.state_dict(), ckpt.client_file(rdir, k))
+        files = {ckpt.client_file(rdir, k).name: c.state_dict() for k, c in self.hosted.clients.items()}
         if self.ctx.is_main:
-            atomic_save({"round": rnd, "config": self.cfg.to_json(), "counters": self.comm_log.counters()},
-                        ckpt.shared_file(rdir))
-        dist.barrier()  # every client file is on disk before the round is declared complete
+            files[ckpt.shared_file(rdir).name] = {"round": rnd, "config": self.cfg.to_json(),
+                                                  "counters": self.comm_log.counters()}
+        try:
+            ckpt.write_part(rdir, self.ctx.rank, files)
+            sealed = 1
+        except (OSError, RuntimeError) as e:  # a full disk, say: reported by every rank below, not a hang
+            self._warn(f"could not write its part of checkpoint {rdir}: {e}")
+            sealed = 0
+        failed = [r for r, (ok,) in enumerate(gather_ints([sealed])) if not ok]
+        if failed:
+            raise RuntimeError(f"checkpoint of round {rnd} is incomplete: rank(s) {failed} could not write their "
+                               f"part (see their logs); the run keeps its checkpoints up to round "
+                               f"{self.last_checkpoint}")
         if self.ctx.is_main:
-            ckpt.finalize(self.dir, rnd, self.cfg.federation.clients, self.cfg.keep_checkpoints)
-        dist.barrier()
+            ckpt.mark_latest(self.dir, rnd)
+        ckpt.prune(self.dir, rnd, self.cfg.keep_checkpoints)  # every rank its own run directory
+        self.last_checkpoint = rnd
+
+    def _warn(self, msg: str) -> None:
+        """A warning about this rank's own files: rank 0's sink, or this rank's stderr (another site's log)."""
+        if self.ctx.is_main:
+            self.sink.warn(msg)
+        else:
+            ConsoleSink().warn(f"rank {self.ctx.rank}: {msg}")
 
     # -- models, samples, scores -----------------------------------------------------------------
     def export_models(self) -> None:
@@ -244,6 +313,7 @@ class Run:
             grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
             grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if final:
+                self.dir.samples.mkdir(parents=True, exist_ok=True)  # each rank's own run directory
                 save_image(grid, self.dir.sample_grid(self._label(k)))
         for k, img in sorted(dist.gather_arrays(grids, "sample grids").items()):
             self.sink.image(f"samples/{self._label(k)}", img, rnd)
@@ -274,22 +344,6 @@ class Run:
         if self.ctx.is_main:
             self.dir.mark_done(self.cfg.federation.rounds)
             self.sink.info(f"done; outputs in {self.dir.root} (tensorboard --logdir {self.cfg.out_dir})")
-
-
-def _claim_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink) -> bool:
-    """Refuse an incompatible resume before anything is built; False when the run finished already. Writes
-    nothing: ``_start_run_dir`` does, once the clients are set up."""
-    rounds = cfg.federation.rounds
-    if run_dir.config.exists():
-        saved = RunConfig.from_json(run_dir.config.read_text())
-        diffs = config_differences(saved.to_flat_dict(), cfg.to_flat_dict())
-        if diffs:
-            raise ConfigError(f"cannot resume {run_dir.root}: its config differs in " + ", ".join(diffs)
-                              + "; choose another --name/--out-dir")
-    if dist.broadcast_json(run_dir.is_done(rounds) if ctx.is_main else None, bool, what="DONE state"):
-        sink.info(f"{run_dir.root} already finished {rounds} rounds; nothing to do")
-        return False
-    return True
 
 
 def _start_run_dir(cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir) -> None:

@@ -139,3 +139,43 @@ def test_comm_log_resume_truncates_and_continues_totals(tmp_path):
 def test_missing_group_size_rejected():
     with pytest.raises(ValueError, match="decoder"):
         paper_total("full", {"encoder": 1, "bottleneck": 1}, 2, 1, 0)
+
+
+def _log_of_three_rounds(path):
+    log = CommLog(path, truncate_after=0)
+    for r in range(1, 4):
+        log.append(r, paper_params=36, bytes_moved=4)
+    return path.read_text().splitlines()
+
+
+def test_resume_repairs_a_partial_last_line(tmp_path):
+    path = tmp_path / "comm.jsonl"
+    lines = _log_of_three_rounds(path)
+    path.write_text("\n".join(lines) + '\n{"round": 4, "paper_par')  # a crash while appending round 4
+    warnings = []
+    log = CommLog(path, truncate_after=3, paper_params_cum=108, bytes_cum=12, warn=warnings.append)
+    assert len(warnings) == 1 and str(path) in warnings[0] and "[4]" in warnings[0]
+    assert [r["round"] for r in read_comm_log(path)] == [1, 2, 3]
+    assert log.append(4, paper_params=36, bytes_moved=4)["paper_params_cum"] == 144
+    assert [r["round"] for r in read_comm_log(path)] == [1, 2, 3, 4]
+
+
+def test_resume_reports_lost_rows_and_continues_from_the_checkpoint(tmp_path):
+    path = tmp_path / "comm.jsonl"
+    lines = _log_of_three_rounds(path)
+    path.write_text("\n".join([lines[0], "garbage", '{"round": "2"}', lines[2]]) + "\n")
+    warnings = []
+    log = CommLog(path, truncate_after=3, paper_params_cum=108, bytes_cum=12, warn=warnings.append)
+    assert len(warnings) == 2 and "[2, 3]" in warnings[0] and "round(s) [2]" in warnings[1]
+    assert [r["round"] for r in read_comm_log(path)] == [1, 3]
+    assert log.counters() == {"paper_params_cum": 108, "bytes_cum": 12}
+    # totals in the file that disagree with the checkpoint are reported too
+    CommLog(path, truncate_after=1, paper_params_cum=99, bytes_cum=4, warn=warnings.append)
+    assert "differ from its checkpoint" in warnings[-1]
+
+
+def test_read_comm_log_names_the_bad_line(tmp_path):
+    path = tmp_path / "comm.jsonl"
+    path.write_text('{"round": 1}\n')
+    with pytest.raises(ValueError, match="line 1 is not a comm.jsonl row"):
+        read_comm_log(path)

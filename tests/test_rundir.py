@@ -34,6 +34,9 @@ def test_done_rule(tmp_path, capsys):
     d.done.write_text("garbage")
     assert not d.is_done(3)
     assert "unreadable" in capsys.readouterr().err
+    for damaged in ("", "[]", "5", "null", '{"rounds": "x"}'):  # issue 12: never a traceback
+        d.done.write_text(damaged)
+        assert not d.is_done(3), damaged
 
 
 def test_config_differences_ignore_resumable_fields():
