@@ -17,6 +17,7 @@ quickstart: install
 # Lint steps of `make test` (one place for them).
 lint: install
 	ruff check .
+	ruff format --check .
 
 # What the tests need from outside the repo (Fashion-MNIST, the FID Inception weights): looked for where
 # the app looks, downloaded there by the app's own download paths if missing (offline: one line each on

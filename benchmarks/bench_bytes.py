@@ -50,16 +50,26 @@ def computed(arch: str, clients: int, rounds: int) -> list[dict[str, Any]]:
     rows = []
     for dtype in DTYPES:
         for method in METHODS:
-            per_round = [collective_bytes_per_round(plan_round(method, r, clients, SEED), sizes, dtype)
-                         for r in range(1, rounds + 1)]
+            per_round = [
+                collective_bytes_per_round(plan_round(method, r, clients, SEED), sizes, dtype)
+                for r in range(1, rounds + 1)
+            ]
             # The first sync of a bf16 run has no reference: fp32 (the Exchange rule).
             first = collective_bytes_per_round(plan_round(method, 1, clients, SEED), sizes, "fp32")
             run_total = first + sum(per_round[1:])
-            rows.append({"arch": arch, "method": method, "exchange_dtype": dtype,
-                         "bytes_per_round": per_round, "steady_bytes": per_round[-1],
-                         "first_round_bytes": first, "run_bytes": run_total,
-                         "ratio_vs_full_fp32": per_round[-1] / full,
-                         "run_ratio_vs_full_fp32": run_total / (full * rounds)})
+            rows.append(
+                {
+                    "arch": arch,
+                    "method": method,
+                    "exchange_dtype": dtype,
+                    "bytes_per_round": per_round,
+                    "steady_bytes": per_round[-1],
+                    "first_round_bytes": first,
+                    "run_bytes": run_total,
+                    "ratio_vs_full_fp32": per_round[-1] / full,
+                    "run_ratio_vs_full_fp32": run_total / (full * rounds),
+                }
+            )
     return rows
 
 
@@ -73,8 +83,7 @@ def worker(ctx, arch: str) -> dict[str, dict[str, list[int]]]:
     for dtype in DTYPES:
         for method in METHODS:
             avg = Exchange(groups, [1000] * ctx.world_size, exchange_dtype=dtype)
-            got = [avg.sync(plan_round(method, r, ctx.world_size, SEED), {ctx.rank: mine}).bytes
-                   for r in (1, 2)]
+            got = [avg.sync(plan_round(method, r, ctx.world_size, SEED), {ctx.rank: mine}).bytes for r in (1, 2)]
             out.setdefault(dtype, {})[method] = got
     return out
 
@@ -100,32 +109,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 first, second = measured[r["exchange_dtype"]][r["method"]]
                 r["measured_first_bytes"], r["measured_steady_bytes"] = first, second
                 r["match"] = first == r["first_round_bytes"] and second == r["steady_bytes"]
-            table.append([arch, r["method"], r["exchange_dtype"], r["steady_bytes"], r["ratio_vs_full_fp32"],
-                          r["first_round_bytes"], r["run_ratio_vs_full_fp32"],
-                          r.get("measured_steady_bytes", "-"),
-                          {True: "yes", False: "NO"}.get(r.get("match"), "-")])
+            table.append(
+                [
+                    arch,
+                    r["method"],
+                    r["exchange_dtype"],
+                    r["steady_bytes"],
+                    r["ratio_vs_full_fp32"],
+                    r["first_round_bytes"],
+                    r["run_ratio_vs_full_fp32"],
+                    r.get("measured_steady_bytes", "-"),
+                    {True: "yes", False: "NO"}.get(r.get("match"), "-"),
+                ]
+            )
             # The ISSUE's UDec targets are about the paper's UNet: in Ho et al.'s UNet the decoder alone
             # holds ~62% of the parameters, so no exchange of it can reach them (shown in the table).
             if r["method"] == "udec" and arch == "paper-unet":
                 limit = UDEC_LIMITS[r["exchange_dtype"]]
-                targets.append(check(f"{arch} udec ({r['exchange_dtype']}) bytes per round / FULL fp32",
-                                     r["ratio_vs_full_fp32"], "<=", limit))
+                targets.append(
+                    check(
+                        f"{arch} udec ({r['exchange_dtype']}) bytes per round / FULL fp32",
+                        r["ratio_vs_full_fp32"],
+                        "<=",
+                        limit,
+                    )
+                )
         if measured is not None:
             matched = sum(bool(r["match"]) for r in arch_rows)
-            targets.append(check(f"{arch}: SyncStats.bytes of real syncs == computed bytes ({matched} of "
-                                 f"{len(arch_rows)} method x dtype, first and steady round)",
-                                 matched / len(arch_rows), ">=", 1))
+            targets.append(
+                check(
+                    f"{arch}: SyncStats.bytes of real syncs == computed bytes ({matched} of "
+                    f"{len(arch_rows)} method x dtype, first and steady round)",
+                    matched / len(arch_rows),
+                    ">=",
+                    1,
+                )
+            )
         rows.extend(arch_rows)
 
-    title = (f"Bytes handed to one rank's all-reduce per round, relative to FULL fp32 ({clients} ranks; "
-             f"run = {args.rounds} rounds, bf16's first sync in fp32)")
-    headers = ["model", "method", "exchange", "bytes/round", "ratio", "first round", "run ratio",
-               "measured (sync)", "match"]
-    payload = {"config": {"archs": archs, "rounds": args.rounds, "clients": clients, "quick": args.quick,
-                          "cross_check": not args.no_sync},
-               "results": rows,
-               "ratios": {f"{r['arch']}/{r['method']}/{r['exchange_dtype']}": r["ratio_vs_full_fp32"]
-                          for r in rows}}
+    title = (
+        f"Bytes handed to one rank's all-reduce per round, relative to FULL fp32 ({clients} ranks; "
+        f"run = {args.rounds} rounds, bf16's first sync in fp32)"
+    )
+    headers = [
+        "model",
+        "method",
+        "exchange",
+        "bytes/round",
+        "ratio",
+        "first round",
+        "run ratio",
+        "measured (sync)",
+        "match",
+    ]
+    payload = {
+        "config": {
+            "archs": archs,
+            "rounds": args.rounds,
+            "clients": clients,
+            "quick": args.quick,
+            "cross_check": not args.no_sync,
+        },
+        "results": rows,
+        "ratios": {f"{r['arch']}/{r['method']}/{r['exchange_dtype']}": r["ratio_vs_full_fp32"] for r in rows},
+    }
     info = device_info(torch.device("cpu"))
     return report("bench_bytes", info, [(title, headers, table)], targets, payload, args.json)
 

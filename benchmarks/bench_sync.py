@@ -53,8 +53,16 @@ def _timed(fn, device: torch.device, inner: int = 1) -> float:
     return (time.perf_counter() - t0) / inner
 
 
-def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, repeats: int,
-           bucket_bytes: int | None, inner: int) -> dict:
+def worker(
+    ctx,
+    arch: str,
+    methods: list[str],
+    dtypes: list[str],
+    warmup: int,
+    repeats: int,
+    bucket_bytes: int | None,
+    inner: int,
+) -> dict:
     """Runs on every rank; rank 0's return value is the result."""
     device, world, rank = ctx.device, ctx.world_size, ctx.rank
     size, channels = SHAPES[arch]
@@ -106,13 +114,21 @@ def worker(ctx, arch: str, methods: list[str], dtypes: list[str], warmup: int, r
             tdist.all_gather_object(gathered, times)
             worst = {k: [max(g[k][i] for g in gathered) for i in range(repeats)] for k in ops}
             med = {k: median(worst[k]) for k in ops}
-            rows.append({"method": method, "exchange_dtype": dtype, "groups": list(plan.shared_groups()),
-                         "bytes": nbytes, "flat_bytes": flat.numel() * flat.element_size(),
-                         "collectives": first.collectives, "packed_collectives": len(packed.packed_layout.buckets),
-                         **{f"{k}_s": worst[k] for k in ops},
-                         **{f"{k}_median_s": med[k] for k in ops},
-                         "ratio": med["in_place"] / med["flat"],
-                         "packed_ratio": med["packed"] / med["flat"]})
+            rows.append(
+                {
+                    "method": method,
+                    "exchange_dtype": dtype,
+                    "groups": list(plan.shared_groups()),
+                    "bytes": nbytes,
+                    "flat_bytes": flat.numel() * flat.element_size(),
+                    "collectives": first.collectives,
+                    "packed_collectives": len(packed.packed_layout.buckets),
+                    **{f"{k}_s": worst[k] for k in ops},
+                    **{f"{k}_median_s": med[k] for k in ops},
+                    "ratio": med["in_place"] / med["flat"],
+                    "packed_ratio": med["packed"] / med["flat"],
+                }
+            )
     return {"rows": rows, "backend": ctx.backend, "world_size": world}
 
 
@@ -134,9 +150,16 @@ def on_device(arch: str, rows: list[dict], device: torch.device, warmup: int, re
         ops = {"sync": lambda: avg.sync(plan, {0: mine}), "copy": lambda: dst.copy_(src)}  # noqa: B023
         time_interleaved(ops, warmup, device)
         t = time_interleaved(ops, repeats, device)
-        out.append({"method": r["method"], "exchange_dtype": r["exchange_dtype"], "bytes": r["bytes"],
-                    "sync_median_s": median(t["sync"]), "copy_median_s": median(t["copy"]),
-                    "ratio": median(t["sync"]) / median(t["copy"])})
+        out.append(
+            {
+                "method": r["method"],
+                "exchange_dtype": r["exchange_dtype"],
+                "bytes": r["bytes"],
+                "sync_median_s": median(t["sync"]),
+                "copy_median_s": median(t["copy"]),
+                "ratio": median(t["sync"]) / median(t["copy"]),
+            }
+        )
     return out
 
 
@@ -148,8 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, help="timed repeats (median reported); default 20, quick 2")
     p.add_argument("--warmup", type=int, help="untimed repeats first; default 3, quick 1")
     p.add_argument("--inner", type=int, help="calls per timing (back to back); default 5, quick 1")
-    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
-                   help=f"Exchange bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket")
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=DEFAULT_BUCKET_BYTES / 2**20,
+        help=f"Exchange bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket",
+    )
     args = parse_args(p, argv)
 
     device = pick_device(args.device)
@@ -173,33 +200,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inner = args.inner or (1 if args.quick else 5)
     out = spawn_ranks(worker, 2, device.type, args.arch, methods, dtypes, warmup, repeats, bucket_bytes, inner)
     rows = out["rows"]
-    table = [[r["method"], r["exchange_dtype"], r["bytes"], r["collectives"], 1e3 * r["in_place_median_s"],
-              1e3 * r["flat_median_s"], r["ratio"], 1e3 * r["packed_median_s"], r["packed_ratio"],
-              1e3 * r["local_median_s"]] for r in rows]
-    targets = [check(f"sync {r['method']} ({r['exchange_dtype']}), in place / one flat all-reduce of the same bytes",
-                     r["ratio"], "<=", LIMIT) for r in rows]
-    title = (f"Exchange.sync vs one all_reduce of a flat buffer of the same bytes: {args.arch}, "
-             f"{out['world_size']} ranks ({out['backend']}), median of {repeats} x {inner} calls, slower rank. "
-             "'in place': one client per rank, parameters adopted (what fedrun train does then); 'packed': the "
-             "path of ranks hosting several clients; 'local': the packed sync without a peer (pack + unpack)")
+    table = [
+        [
+            r["method"],
+            r["exchange_dtype"],
+            r["bytes"],
+            r["collectives"],
+            1e3 * r["in_place_median_s"],
+            1e3 * r["flat_median_s"],
+            r["ratio"],
+            1e3 * r["packed_median_s"],
+            r["packed_ratio"],
+            1e3 * r["local_median_s"],
+        ]
+        for r in rows
+    ]
+    targets = [
+        check(
+            f"sync {r['method']} ({r['exchange_dtype']}), in place / one flat all-reduce of the same bytes",
+            r["ratio"],
+            "<=",
+            LIMIT,
+        )
+        for r in rows
+    ]
+    title = (
+        f"Exchange.sync vs one all_reduce of a flat buffer of the same bytes: {args.arch}, "
+        f"{out['world_size']} ranks ({out['backend']}), median of {repeats} x {inner} calls, slower rank. "
+        "'in place': one client per rank, parameters adopted (what fedrun train does then); 'packed': the "
+        "path of ranks hosting several clients; 'local': the packed sync without a peer (pack + unpack)"
+    )
     if note:
         print("note: " + note)
-    payload = {"config": {"arch": args.arch, "backend": out["backend"], "world_size": out["world_size"],
-                          "bucket_bytes": bucket_bytes, "inner": inner,
-                          "repeats": repeats, "warmup": warmup, "quick": args.quick, "note": note},
-               "results": rows,
-               "ratios": {f"{r['method']}/{r['exchange_dtype']}": r["ratio"] for r in rows}}
-    headers = ["method", "exchange", "bytes", "buckets", "in place ms", "flat all-reduce ms", "ratio", "packed ms",
-               "packed ratio", "local ms"]
+    payload = {
+        "config": {
+            "arch": args.arch,
+            "backend": out["backend"],
+            "world_size": out["world_size"],
+            "bucket_bytes": bucket_bytes,
+            "inner": inner,
+            "repeats": repeats,
+            "warmup": warmup,
+            "quick": args.quick,
+            "note": note,
+        },
+        "results": rows,
+        "ratios": {f"{r['method']}/{r['exchange_dtype']}": r["ratio"] for r in rows},
+    }
+    headers = [
+        "method",
+        "exchange",
+        "bytes",
+        "buckets",
+        "in place ms",
+        "flat all-reduce ms",
+        "ratio",
+        "packed ms",
+        "packed ratio",
+        "local ms",
+    ]
     tables = [(title, headers, table)]
     if gpu is not None:
         local = on_device(args.arch, rows, gpu, warmup, repeats)
         payload["on_device"] = local
-        tables.append((f"Packed Exchange.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
-                       "back) vs one device copy of the same bytes",
-                       ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
-                       [[r["method"], r["exchange_dtype"], r["bytes"], 1e3 * r["sync_median_s"],
-                         1e3 * r["copy_median_s"], r["ratio"]] for r in local]))
+        tables.append(
+            (
+                f"Packed Exchange.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
+                "back) vs one device copy of the same bytes",
+                ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
+                [
+                    [
+                        r["method"],
+                        r["exchange_dtype"],
+                        r["bytes"],
+                        1e3 * r["sync_median_s"],
+                        1e3 * r["copy_median_s"],
+                        r["ratio"],
+                    ]
+                    for r in local
+                ],
+            )
+        )
     info = device_info(gpu if gpu is not None else device)
     return report("bench_sync", info, tables, targets, payload, args.json)
 

@@ -69,8 +69,13 @@ class Reference:
         return cls(mu, sigma, np.asarray(features, np.float32), features.shape[0])
 
 
-def save_stats(path: str | os.PathLike[str], mu: np.ndarray, sigma: np.ndarray, n: int | None = None,
-               features: np.ndarray | None = None) -> Path:
+def save_stats(
+    path: str | os.PathLike[str],
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    n: int | None = None,
+    features: np.ndarray | None = None,
+) -> Path:
     """Write pytorch-fid's statistics format (``mu``, ``sigma``; plus ``n`` and the ``features`` behind them,
     which it ignores)."""
     path = Path(path)
@@ -108,8 +113,10 @@ def load_reference(path: str | os.PathLike[str], no_features: str = "") -> Refer
         feats = f[FEATURES_KEY][:] if FEATURES_KEY in f.files else None
         n = int(f["n"]) if "n" in f.files else 0
     if feats is None:
-        why = no_features or ("KID needs the reference's Inception features: pass the images themselves, or a "
-                              "statistics file from `fedrun fid --save-stats`, which stores them")
+        why = no_features or (
+            "KID needs the reference's Inception features: pass the images themselves, or a "
+            "statistics file from `fedrun fid --save-stats`, which stores them"
+        )
         return Reference(mu, sigma, n=n, no_kid=f"no KID: {path} holds only mu and sigma; {why}")
     if feats.ndim != 2 or feats.shape[1] != mu.shape[0]:
         raise SourceError(f"{path}: {FEATURES_KEY} must be N x {mu.shape[0]}, got {feats.shape}")
@@ -188,8 +195,9 @@ def frechet_distance(
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     trace_sqrt = {"eigh": _trace_sqrt_product, "sqrtm": _trace_sqrt_product_sqrtm}[method]
     tr = trace_sqrt(sigma1, sigma2)
     if not np.isfinite(tr):
@@ -199,11 +207,18 @@ def frechet_distance(
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr)
 
 
-def fid_of_images(images: Tensor, ref: Stats | Reference, *, batch_size: int = 50,
-                  device: str | torch.device = "cpu", weights: str | os.PathLike[str] | None = None,
-                  progress: bool = True) -> float:
+def fid_of_images(
+    images: Tensor,
+    ref: Stats | Reference,
+    *,
+    batch_size: int = 50,
+    device: str | torch.device = "cpu",
+    weights: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> float:
     """FID of uint8 images [N, C, H, W] against reference statistics ((mu, sigma) or a Reference)."""
-    feats = inception_features(images, batch_size=batch_size, device=device, weights=weights,
-                               progress=progress, desc="inception (samples)")
+    feats = inception_features(
+        images, batch_size=batch_size, device=device, weights=weights, progress=progress, desc="inception (samples)"
+    )
     mu, sigma = statistics(feats)
     return frechet_distance(mu, sigma, *(ref.stats if isinstance(ref, Reference) else ref))

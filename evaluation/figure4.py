@@ -67,8 +67,9 @@ def left_out(runs: Iterable[RunRecord], clients: int) -> list[str]:
         common = set.intersection(*(set(d) for d in logs))
         longest = max(len(d) for d in logs)
         if len(common) < longest:
-            notes.append(f"rounds of {name} after round {max(common, default=0)} (not reached by all "
-                         f"{len(logs)} of its runs)")
+            notes.append(
+                f"rounds of {name} after round {max(common, default=0)} (not reached by all {len(logs)} of its runs)"
+            )
     return notes
 
 

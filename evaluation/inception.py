@@ -58,8 +58,7 @@ def find_inception_weights(path: str | os.PathLike[str] | None = None) -> Path:
 _MODELS: dict[tuple[str, str], nn.Module] = {}
 
 
-def load_inception(weights: str | os.PathLike[str] | None = None,
-                   device: str | torch.device = "cpu") -> nn.Module:
+def load_inception(weights: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """pytorch-fid's ``InceptionV3`` (pool3, 2048-d) in eval mode, loaded from a local file only.
 
     Cached per (weights file, device), so repeated scoring in one process builds it once.

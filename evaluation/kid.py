@@ -48,7 +48,7 @@ def _cross_sums(x: np.ndarray, y: np.ndarray, axis: int, chunk: int = 2048) -> n
     """k(x, y).sum(axis) without holding all of k(x, y) at once (1,000 x 10,000 would be 80 MB)."""
     if axis == 1:
         return _cross_sums(y, x, 0, chunk)
-    return np.concatenate([polynomial_kernel(x, y[i:i + chunk]).sum(axis=0) for i in range(0, y.shape[0], chunk)])
+    return np.concatenate([polynomial_kernel(x, y[i : i + chunk]).sum(axis=0) for i in range(0, y.shape[0], chunk)])
 
 
 def _mmd2(within_x: float, within_y: float, cross: float, m: int, n: int) -> float:
@@ -74,8 +74,14 @@ class Kid:
     subset_size: int
 
 
-def kid(fake: np.ndarray, real: np.ndarray, *, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
-        seed: int = KID_SEED) -> Kid:
+def kid(
+    fake: np.ndarray,
+    real: np.ndarray,
+    *,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = KID_SEED,
+) -> Kid:
     """KID of features ``fake`` [N_f, d] against ``real`` [N_r, d]: mean +- std of ``mmd2_unbiased`` over
     ``subsets`` pairs of random subsets of ``min(N_f, N_r, subset_size)`` vectors each."""
     if fake.ndim != 2 or real.ndim != 2 or fake.shape[1] != real.shape[1]:
@@ -103,6 +109,7 @@ def kid(fake: np.ndarray, real: np.ndarray, *, subsets: int = KID_SUBSETS, subse
             cross = float(by_fake[fi].sum())
         else:
             cross = float(polynomial_kernel(fake[fi], real[ri]).sum())
-        values[s] = _mmd2(within_f if whole_f else _within(fake[fi]), within_r if whole_r else _within(real[ri]),
-                          cross, m, m)
+        values[s] = _mmd2(
+            within_f if whole_f else _within(fake[fi]), within_r if whole_r else _within(real[ri]), cross, m, m
+        )
     return Kid(float(values.mean()), float(values.std(ddof=0)), subsets, m)

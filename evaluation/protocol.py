@@ -57,6 +57,11 @@ class Protocol:
 
     def record(self, timesteps: int, weights: list[str]) -> dict[str, Any]:
         """As fid.json and samples.json hold it; ``steps`` is T for the ancestral samplers."""
-        return {"num_samples": self.num_samples, "sampler": self.sampler, "weights": weights,
-                "steps": self.ddim_steps if self.ddim_steps is not None else timesteps, "seed": self.seed,
-                "batch_size": self.batch_size}
+        return {
+            "num_samples": self.num_samples,
+            "sampler": self.sampler,
+            "weights": weights,
+            "steps": self.ddim_steps if self.ddim_steps is not None else timesteps,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }

@@ -39,8 +39,9 @@ def stats_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / FID_STATS_DIR
 
 
-def reference_cache_path(source: Source, cache_dir: str | os.PathLike[str], limit: int | None = None,
-                         image_size: int | None = None) -> Path:
+def reference_cache_path(
+    source: Source, cache_dir: str | os.PathLike[str], limit: int | None = None, image_size: int | None = None
+) -> Path:
     """Cache file for a reference's statistics: named after a dataset split, or keyed by a folder's
     (path, file names, sizes, mtimes) so a changed folder is never served stale statistics."""
     suffix = (f"_n{limit}" if limit else "") + (f"_s{image_size}" if image_size else "")
@@ -83,8 +84,17 @@ def reference_statistics(
         cached = reference_cache_path(src, d, limit, image_size)
         if cached.is_file():
             return load_reference(cached, f"delete it to recompute it with the features ({src.describe()})")
-    out = source_statistics(src, data_root=data_root, limit=limit, image_size=image_size, batch_size=batch_size,
-                            device=device, weights=weights, progress=progress, sink=sink)
+    out = source_statistics(
+        src,
+        data_root=data_root,
+        limit=limit,
+        image_size=image_size,
+        batch_size=batch_size,
+        device=device,
+        weights=weights,
+        progress=progress,
+        sink=sink,
+    )
     for d in dirs:
         with contextlib.suppress(OSError):
             path = save_reference(reference_cache_path(src, d, limit, image_size), out)

@@ -34,18 +34,33 @@ CENTRALISED = "centralised"
 """The row of K = 1 runs (whatever their method: one client shares with nobody)."""
 METHOD_ORDER = (CENTRALISED, *METHOD_NAMES)
 """Table 1's rows, in the paper's order."""
-METHOD_LABELS = {CENTRALISED: "centralised", "full": "FULL", "usplit": "USplit", "ulatdec": "ULatDec",
-                 "udec": "UDec"}
+METHOD_LABELS = {CENTRALISED: "centralised", "full": "FULL", "usplit": "USplit", "ulatdec": "ULatDec", "udec": "UDec"}
 """The paper's spelling of each row (the report's own display names)."""
 PARTITION_LABELS = {"iid": "IID", "label-skew": "l-skew", "quantity-skew": "q-skew"}
 """The paper's column headers, keyed by ``fedrun.config.PARTITIONS``."""
 AXES = frozenset({"federation.method", "federation.clients", "data.partition", "federation.seed"})
 """The table's own axes: rows (method, K), columns (partition) and the seeds a cell pools."""
-NOT_SETTINGS = frozenset({
-    "name", "out_dir", "preset", "data.root", "data.download", "data.placement", "device", "dist_timeout_s",
-    "optim.compile", "checkpoint_every", "keep_checkpoints", "sample_every", "num_samples", "sample_steps",
-    "fid_every", "fid_samples", "fid_ref",
-})
+NOT_SETTINGS = frozenset(
+    {
+        "name",
+        "out_dir",
+        "preset",
+        "data.root",
+        "data.download",
+        "data.placement",
+        "device",
+        "dist_timeout_s",
+        "optim.compile",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "num_samples",
+        "sample_steps",
+        "fid_every",
+        "fid_samples",
+        "fid_ref",
+    }
+)
 """Config fields that do not change what a run trains (where it runs, what it logs): never keep runs apart."""
 EVAL_FIELDS = ("num_samples", "sampler", "steps", "reference")
 """fid.json protocol entries that make two FIDs incomparable; keyed as ``eval.<name>`` (plus ``eval.weights``)."""
@@ -147,9 +162,18 @@ def find_runs(sweep_dir: str | os.PathLike[str]) -> list[RunRecord]:
         fid = json.loads((d / "fid.json").read_text()) if (d / "fid.json").is_file() else None
         comm = _read_jsonl(d / "comm.jsonl") if (d / "comm.jsonl").is_file() else []
         k = cfg.federation.clients
-        runs.append(RunRecord(path=d, method=CENTRALISED if k == 1 else cfg.federation.method, clients=k,
-                              partition=cfg.data.partition, seed=cfg.federation.seed, fid=fid, comm=comm,
-                              config=cfg.to_flat_dict()))
+        runs.append(
+            RunRecord(
+                path=d,
+                method=CENTRALISED if k == 1 else cfg.federation.method,
+                clients=k,
+                partition=cfg.data.partition,
+                seed=cfg.federation.seed,
+                fid=fid,
+                comm=comm,
+                config=cfg.to_flat_dict(),
+            )
+        )
     return runs
 
 
@@ -246,8 +270,13 @@ def table1(runs: Iterable[RunRecord], weights: str | None = None) -> list[dict[s
         method, k, values = key
         members = groups[key]
         counts = [r.paper_params for r in members if r.paper_params is not None]
-        row: dict[str, Any] = {"method": method, "K": k, "settings": dict(zip(keys, values, strict=True)),
-                               "runs": len(members), "N": float(np.mean(counts)) / 1e6 if counts else None}
+        row: dict[str, Any] = {
+            "method": method,
+            "K": k,
+            "settings": dict(zip(keys, values, strict=True)),
+            "runs": len(members),
+            "N": float(np.mean(counts)) / 1e6 if counts else None,
+        }
         for p in PARTITIONS:
             row[p] = _cells([r for r in members if r.partition == p], weights)
         rows.append(row)
@@ -276,8 +305,11 @@ def table1_markdown(rows: list[dict[str, Any]], digits: int = 1, metric: str = "
             text, pooled = _cell(c, digits, scale), row[p][f"pooled_{metric}"]
             cells.append(text if pooled["mean"] is None else f"{text} (pooled {_cell(pooled, digits, scale)})")
         settings = "".join(f"{show_setting(v)} | " for v in row["settings"].values())
-        lines.append(f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['K']} | {settings}{n} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['K']} | {settings}{n} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -298,8 +330,20 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
 
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "K", *keys, "N_millions", "partition", "fid_mean", "fid_std", "runs", "values",
-                    *(f"{s}_{x}" for s in scores for x in ("mean", "std", "values"))])
+        w.writerow(
+            [
+                "method",
+                "K",
+                *keys,
+                "N_millions",
+                "partition",
+                "fid_mean",
+                "fid_std",
+                "runs",
+                "values",
+                *(f"{s}_{x}" for s in scores for x in ("mean", "std", "values")),
+            ]
+        )
         for row in rows:
             for p in PARTITIONS:
                 c = row[p]
@@ -307,6 +351,18 @@ def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
                     continue
                 n = "" if row["N"] is None else f"{row['N']:.6f}"
                 extra = [x for s in scores for x in (num(c[s]["mean"]), num(c[s]["std"]), c[s]["values"])]
-                w.writerow([row["method"], row["K"], *map(show_setting, row["settings"].values()), n, p,
-                            f"{c['mean']:.6f}", f"{c['std']:.6f}", c["runs"], c["values"], *extra])
+                w.writerow(
+                    [
+                        row["method"],
+                        row["K"],
+                        *map(show_setting, row["settings"].values()),
+                        n,
+                        p,
+                        f"{c['mean']:.6f}",
+                        f"{c['std']:.6f}",
+                        c["runs"],
+                        c["values"],
+                        *extra,
+                    ]
+                )
     return path

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from unet import GaussianDiffusion
 
 
-
 def sampler_steps(sampler: str, steps: int | None) -> int | None:
     """What ``GaussianDiffusion.sample`` takes: None for ancestral DDPM over all T steps, else DDIM steps."""
     if sampler not in SAMPLERS:
@@ -99,8 +98,15 @@ def sample_images(
             for i in mine:
                 n = min(batch_size, num_samples - i * batch_size)
                 g = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
-                x = diffusion.sample(model, (n, *shape), device, steps=ddim_steps, generator=g,
-                                     progress=lambda *_: bar.update(1), clip_x0=sampler == "ddpm-clip")
+                x = diffusion.sample(
+                    model,
+                    (n, *shape),
+                    device,
+                    steps=ddim_steps,
+                    generator=g,
+                    progress=lambda *_: bar.update(1),
+                    clip_x0=sampler == "ddpm-clip",
+                )
                 out.append(to_uint8(x).cpu())  # [n, C, H, W] uint8
         finally:
             model.train(was_training)
@@ -110,8 +116,9 @@ def sample_images(
     return _gather_batches(local, mine, num_samples, batch_size, world, shape)
 
 
-def _gather_batches(local: Tensor, mine: list[int], num_samples: int, batch_size: int, world: int,
-                    shape: tuple[int, ...]) -> Tensor:
+def _gather_batches(
+    local: Tensor, mine: list[int], num_samples: int, batch_size: int, world: int, shape: tuple[int, ...]
+) -> Tensor:
     """Every rank's batches (padded to one size for the all_gather), put back in batch order."""
     num_batches = math.ceil(num_samples / batch_size)
     per_rank = math.ceil(num_batches / world)
@@ -139,8 +146,7 @@ def save_npz(images: Tensor, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64,
-              nrow: int | None = None) -> Path:
+def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64, nrow: int | None = None) -> Path:
     """PNG grid (torchvision ``save_image``) of the first ``max_images`` uint8 images, square by default."""
     from torchvision.utils import save_image
 
@@ -155,8 +161,9 @@ def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64
 # Models of a finished run.
 
 
-def run_model_files(run: RunDir, method: Method, num_clients: int,
-                    weights: str | None = None) -> dict[str, list[tuple[str, Path]]]:
+def run_model_files(
+    run: RunDir, method: Method, num_clients: int, weights: str | None = None
+) -> dict[str, list[tuple[str, Path]]]:
     """{weights kind: [(label, file)]} of a run's final models, labels from ``method.model_labels``.
 
     ``weights``: 'raw', 'ema', 'both', or None = both when the EMA files exist, else raw.
@@ -189,12 +196,15 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     sd = torch.load(path, map_location="cpu", weights_only=True)
     bad = [n for n, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # a diverged model samples noise and scores as a result: refuse it
-        raise EvalError(f"{path} has non-finite weights ({bad[0]} and {len(bad) - 1} more tensor(s)): the run "
-                        "diverged; train it again with a lower --lr")
+        raise EvalError(
+            f"{path} has non-finite weights ({bad[0]} and {len(bad) - 1} more tensor(s)): the run "
+            "diverged; train it again with a lower --lr"
+        )
     missing, unexpected = model.load_state_dict(sd, strict=False)
     params = {n for n, _ in model.named_parameters()}
     missing_params = [n for n in missing if n in params]
     if unexpected or missing_params:
-        raise EvalError(f"{path} does not fit the run's model: "
-                        f"unexpected {list(unexpected)[:3]}, missing {missing_params[:3]}")
+        raise EvalError(
+            f"{path} does not fit the run's model: unexpected {list(unexpected)[:3]}, missing {missing_params[:3]}"
+        )
     return model

@@ -51,31 +51,58 @@ def fid_of_model(
     client models never mix their samples); the model's training flag is restored.
     """
     if isinstance(ref_stats, str):
-        ref_stats = reference_statistics(ref_stats, device=device, weights=inception_weights,
-                                         batch_size=fid_batch_size, data_root=data_root, progress=progress)
-    x = sample_images(model, diffusion, num_samples, image_shape, sampler=sampler, steps=steps,
-                      batch_size=batch_size, device=device, seed=seed, distributed=False, progress=progress)
-    return fid_of_images(x, ref_stats, batch_size=fid_batch_size, device=device, weights=inception_weights,
-                         progress=progress)
+        ref_stats = reference_statistics(
+            ref_stats,
+            device=device,
+            weights=inception_weights,
+            batch_size=fid_batch_size,
+            data_root=data_root,
+            progress=progress,
+        )
+    x = sample_images(
+        model,
+        diffusion,
+        num_samples,
+        image_shape,
+        sampler=sampler,
+        steps=steps,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        distributed=False,
+        progress=progress,
+    )
+    return fid_of_images(
+        x, ref_stats, batch_size=fid_batch_size, device=device, weights=inception_weights, progress=progress
+    )
 
 
 def default_reference(cfg: RunConfig) -> str:
     """The paper's reference: the test split of the run's dataset."""
     if cfg.data.dataset not in known_datasets():
-        raise EvalError(f"no default reference for dataset {cfg.data.dataset!r}: pass --ref "
-                        "(a statistics .npz, an image folder, or e.g. fashion-mnist:test)")
+        raise EvalError(
+            f"no default reference for dataset {cfg.data.dataset!r}: pass --ref "
+            "(a statistics .npz, an image folder, or e.g. fashion-mnist:test)"
+        )
     return f"{cfg.data.dataset}:test"
 
 
-def reference_of_run(cfg: RunConfig, ref: str, *, device: str | torch.device,
-                     cache_dirs: Iterable[str | os.PathLike[str]],
-                     data_root: str | os.PathLike[str] | None = None, **kw: Any) -> Reference:
+def reference_of_run(
+    cfg: RunConfig,
+    ref: str,
+    *,
+    device: str | torch.device,
+    cache_dirs: Iterable[str | os.PathLike[str]],
+    data_root: str | os.PathLike[str] | None = None,
+    **kw: Any,
+) -> Reference:
     """Reference statistics and features to score ``cfg``'s models against: a dataset split at the size the
     model saw (``cfg.data.image_size``), read from ``data_root`` (default ``cfg.data.root``); ``kw`` as
     ``reference_statistics`` takes it."""
     size = cfg.data.image_size if parse_source(ref).kind == "dataset" else None
-    return reference_statistics(ref, data_root=data_root or cfg.data.root, image_size=size, device=device,
-                                cache_dirs=cache_dirs, **kw)
+    return reference_statistics(
+        ref, data_root=data_root or cfg.data.root, image_size=size, device=device, cache_dirs=cache_dirs, **kw
+    )
 
 
 def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
@@ -88,12 +115,21 @@ def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
     """
     ref = cfg.fid_ref or default_reference(cfg)
     channels, size = image_shape(cfg)
-    stats = reference_of_run(cfg, ref, device=device, cache_dirs=[stats_cache_dir(cache_dir)],
-                             sink=rank_sink(dist.rank() == 0))
+    stats = reference_of_run(
+        cfg, ref, device=device, cache_dirs=[stats_cache_dir(cache_dir)], sink=rank_sink(dist.rank() == 0)
+    )
 
     def score(model: nn.Module, diffusion: GaussianDiffusion, seed: int) -> float:
-        return fid_of_model(model, diffusion, stats, cfg.fid_samples, image_shape=(channels, size, size),
-                            sampler="ddim" if cfg.sample_steps else "ddpm", steps=cfg.sample_steps,
-                            device=device, seed=seed)
+        return fid_of_model(
+            model,
+            diffusion,
+            stats,
+            cfg.fid_samples,
+            image_shape=(channels, size, size),
+            sampler="ddim" if cfg.sample_steps else "ddpm",
+            steps=cfg.sample_steps,
+            device=device,
+            seed=seed,
+        )
 
     return score

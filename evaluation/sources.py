@@ -31,9 +31,11 @@ SOURCE_KINDS = ("folder", "images", "dataset", "stats")
 # GPU. Only used to warn before a step that takes minutes.
 _IMAGES_PER_S = {"cpu": 5.0, "cuda": 500.0}
 SLOW_STEP_S = 60.0
-FASTER_PATH = ("a statistics .npz of the same images skips this: make it once with `fedrun fid --save-stats "
-               "SRC STATS.npz` (faster with --device cuda), then pass STATS.npz in place of SRC or as "
-               "`fedrun eval --ref STATS.npz`")
+FASTER_PATH = (
+    "a statistics .npz of the same images skips this: make it once with `fedrun fid --save-stats "
+    "SRC STATS.npz` (faster with --device cuda), then pass STATS.npz in place of SRC or as "
+    "`fedrun eval --ref STATS.npz`"
+)
 
 
 @dataclass
@@ -64,8 +66,10 @@ def parse_source(spec: str) -> Source:
             return Source("stats", spec, path=p)
         if "x" in keys:
             return Source("images", spec, path=p)
-        raise SourceError(f"{spec!r}: an .npz needs keys mu and sigma (statistics) or x (uint8 images "
-                          f"N x C x H x W); it has {sorted(keys)}")
+        raise SourceError(
+            f"{spec!r}: an .npz needs keys mu and sigma (statistics) or x (uint8 images "
+            f"N x C x H x W); it has {sorted(keys)}"
+        )
     name, sep, split = spec.partition(":")
     if sep and name in known_datasets():
         if split not in DATASET_SPLITS:
@@ -90,13 +94,12 @@ def _folder_batches(files: list[Path], batch_size: int) -> Iterator[Tensor]:
 
     for i in range(0, len(files), batch_size):
         imgs = []
-        for f in files[i:i + batch_size]:
+        for f in files[i : i + batch_size]:
             with Image.open(f) as im:
                 a = np.asarray(im.convert("RGB"))  # [H, W, 3] uint8, as pytorch-fid reads it
             imgs.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
         if len({t.shape for t in imgs}) > 1:
-            raise SourceError(f"images of different sizes in {files[0].parent}; "
-                              "resize them to one size first")
+            raise SourceError(f"images of different sizes in {files[0].parent}; resize them to one size first")
         yield torch.stack(imgs)
 
 
@@ -111,13 +114,18 @@ def load_images_npz(path: str | os.PathLike[str], limit: int | None = None) -> T
     return torch.from_numpy(x)
 
 
-def load_dataset_images(name: str, split: str, data_root: str | os.PathLike[str], limit: int | None = None,
-                        image_size: int | None = None, download: bool = False) -> Tensor:
+def load_dataset_images(
+    name: str,
+    split: str,
+    data_root: str | os.PathLike[str],
+    limit: int | None = None,
+    image_size: int | None = None,
+    download: bool = False,
+) -> Tensor:
     """uint8 [N, C, H, W] of a dataset split through fedrun.data (raises its DataNotFoundError)."""
     from fedrun.data import load_dataset  # torchvision: only when a dataset split is asked for
 
-    data = load_dataset(name, str(data_root), train=(split == "train"), download=download,
-                        image_size=image_size)
+    data = load_dataset(name, str(data_root), train=(split == "train"), download=download, image_size=image_size)
     x = data.images
     x = torch.as_tensor(x[:limit] if limit else x)
     if x.dtype != torch.uint8:
@@ -130,8 +138,10 @@ def note_if_slow(n: int, device: str | torch.device, what: str, sink: Sink, fast
     kind = torch.device(device).type
     rate = _IMAGES_PER_S.get(kind, _IMAGES_PER_S["cuda"])
     if n / rate >= SLOW_STEP_S:
-        sink.info(f"Inception features of {n} images of {what} on {kind}: about {format_duration(n / rate)} "
-                  f"at ~{rate:.0f} img/s; {faster}")
+        sink.info(
+            f"Inception features of {n} images of {what} on {kind}: about {format_duration(n / rate)} "
+            f"at ~{rate:.0f} img/s; {faster}"
+        )
 
 
 def source_statistics(
@@ -164,6 +174,7 @@ def source_statistics(
         images = load_dataset_images(src.dataset, src.split, data_root or default_data_root(), limit, image_size)
         n = images.shape[0]
     note_if_slow(n, device, src.describe(), sink or Sink())
-    feats = inception_features(images, total=n, batch_size=batch_size, device=device, weights=weights,
-                               progress=progress, desc=src.describe())
+    feats = inception_features(
+        images, total=n, batch_size=batch_size, device=device, weights=weights, progress=progress, desc=src.describe()
+    )
     return Reference.of_features(feats)

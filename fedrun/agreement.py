@@ -85,13 +85,18 @@ def mismatch_message(configs: list[dict[str, Any]]) -> str:
         for r, c in enumerate(configs):
             by_value.setdefault(_canonical(c[name]) if name in c else "(missing)", []).append(r)
         if len(by_value) > 1:
-            parts.append(f"{name[:60]} (" + ", ".join(f"{_short(v)} on rank{'s' * (len(rs) > 1)} "
-                                                       f"{_ranks(rs)}" for v, rs in by_value.items()) + ")")
+            parts.append(
+                f"{name[:60]} ("
+                + ", ".join(f"{_short(v)} on rank{'s' * (len(rs) > 1)} {_ranks(rs)}" for v, rs in by_value.items())
+                + ")"
+            )
     if not parts:  # the digests differed, the fields do not: a rank sent a digest of something else
         return "ranks sent different config digests for the same fields: does every rank run the same fedrun?"
     more = f" and {len(parts) - _SHOWN_FIELDS} more" if len(parts) > _SHOWN_FIELDS else ""
-    return (f"the ranks were started with different runs, so none starts: {'; '.join(parts[:_SHOWN_FIELDS])}"
-            f"{more}. Give every rank the same settings; only {', '.join(SITE_FIELDS)} may differ per site")
+    return (
+        f"the ranks were started with different runs, so none starts: {'; '.join(parts[:_SHOWN_FIELDS])}"
+        f"{more}. Give every rank the same settings; only {', '.join(SITE_FIELDS)} may differ per site"
+    )
 
 
 def signature_hash(entries: list[tuple[str, tuple[int, ...], str]]) -> str:
@@ -118,8 +123,9 @@ def check_signature(entries: list[tuple[str, tuple[int, ...], str]], what: str =
     ref = gathered[0]
     bad = [r for r, ents in enumerate(gathered) if ents != ref]
     if not bad:
-        raise dist.SignatureMismatchError(f"{what}: the ranks sent different digests of the same entries: does "
-                                          "every rank run the same fedrun?")
+        raise dist.SignatureMismatchError(
+            f"{what}: the ranks sent different digests of the same entries: does every rank run the same fedrun?"
+        )
     lines = []
     for r in bad:
         ents = gathered[r]
@@ -127,10 +133,13 @@ def check_signature(entries: list[tuple[str, tuple[int, ...], str]], what: str =
         i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(ents)))
         have0 = _short(repr(ref[i]), 120) if i < len(ref) else "nothing"
         have_r = _short(repr(ents[i]), 120) if i < len(ents) else "nothing"
-        lines.append(f"rank {r} ({len(ents)} entries vs {len(ref)} on rank 0) first differs at entry {i}: "
-                     f"rank 0 has {have0}, rank {r} has {have_r}")
-    raise dist.SignatureMismatchError(f"{what} differ across ranks: rank(s) {bad} differ from rank 0; "
-                                      + "; ".join(lines))
+        lines.append(
+            f"rank {r} ({len(ents)} entries vs {len(ref)} on rank 0) first differs at entry {i}: "
+            f"rank 0 has {have0}, rank {r} has {have_r}"
+        )
+    raise dist.SignatureMismatchError(
+        f"{what} differ across ranks: rank(s) {bad} differ from rank 0; " + "; ".join(lines)
+    )
 
 
 def _canonical(value: Any) -> str:

@@ -64,18 +64,33 @@ def _dest(field: str) -> str:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments that build a RunConfig: preset, JSON file, shortcuts, --set overrides."""
     g = p.add_argument_group("configuration (preset, then --config, then flags, then --set)")
-    g.add_argument("--preset", default="quickstart", metavar="NAME",
-                   help="named preset (default: quickstart): " + ", ".join(PRESETS))
+    g.add_argument(
+        "--preset",
+        default="quickstart",
+        metavar="NAME",
+        help="named preset (default: quickstart): " + ", ".join(PRESETS),
+    )
     g.add_argument("--config", type=Path, help="a config.json (e.g. from an earlier run) to start from")
     for flag, (field, tp) in SHORTCUTS.items():
         allowed = ALLOWED.get(field)
-        g.add_argument(flag, dest=_dest(field), type=str, default=None,
-                       metavar="NAME" if allowed else tp.__name__.upper(),
-                       help=f"sets {field}" + (": " + ", ".join(allowed) if allowed else ""))
+        g.add_argument(
+            flag,
+            dest=_dest(field),
+            type=str,
+            default=None,
+            metavar="NAME" if allowed else tp.__name__.upper(),
+            help=f"sets {field}" + (": " + ", ".join(allowed) if allowed else ""),
+        )
     g.add_argument("--download", action="store_true", default=None, help="download a missing dataset")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set optim.ema_decay=0.999 (repeatable; "
-                   "`fedrun config` prints them all)")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any config field, e.g. --set optim.ema_decay=0.999 (repeatable; "
+        "`fedrun config` prints them all)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -16,8 +16,9 @@ def image_shape(cfg: RunConfig) -> tuple[int, int]:
 
 def build_model(cfg: RunConfig) -> nn.Module:
     channels, size = image_shape(cfg)
-    return create_model(cfg.model.arch, image_size=size, channels=channels,
-                        dim_mults=cfg.model.dim_mults, dropout=cfg.model.dropout)
+    return create_model(
+        cfg.model.arch, image_size=size, channels=channels, dim_mults=cfg.model.dim_mults, dropout=cfg.model.dropout
+    )
 
 
 def build_diffusion(cfg: RunConfig) -> GaussianDiffusion:

@@ -149,8 +149,11 @@ def _listed(rnd_dir: Path) -> tuple[dict[str, set[str]], list[str]]:
             bad.append(f"{mpath.name} is unreadable ({e})")
             continue
         files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not files or not all(
-                isinstance(n, str) and Path(n).name == n and isinstance(d, str) for n, d in files.items()):
+        if (
+            not isinstance(files, dict)
+            or not files
+            or not all(isinstance(n, str) and Path(n).name == n and isinstance(d, str) for n, d in files.items())
+        ):
             bad.append(f"{mpath.name} is malformed (no 'files' of names and checksums)")
             continue
         for name, digest in files.items():
@@ -176,8 +179,9 @@ def verify(rnd_dir: Path, needed: Iterable[str] | None = None) -> str | None:
     return None
 
 
-def intact_rounds(run_dir: str | os.PathLike[str], needed: Iterable[str] | None = None,
-                  warn: Warn | None = None) -> Iterator[tuple[int, Path]]:
+def intact_rounds(
+    run_dir: str | os.PathLike[str], needed: Iterable[str] | None = None, warn: Warn | None = None
+) -> Iterator[tuple[int, Path]]:
     """This rank's intact rounds, newest first, as (round, its folder); each verified only when reached.
 
     ``needed``: the files this rank loads (None: every file a manifest lists). Each unusable round passed on
@@ -201,8 +205,9 @@ def intact_rounds(run_dir: str | os.PathLike[str], needed: Iterable[str] | None 
             warn(f"checkpoint {rounds[rnd]} is unusable: {reason}; trying the previous one")
 
 
-def find_resumable(run_dir: str | os.PathLike[str], warn: Warn | None = None,
-                   needed: Iterable[str] | None = None) -> tuple[int, Path] | None:
+def find_resumable(
+    run_dir: str | os.PathLike[str], warn: Warn | None = None, needed: Iterable[str] | None = None
+) -> tuple[int, Path] | None:
     """This rank's newest intact round as (round, its folder), or None (see ``intact_rounds``). Several ranks
     agree on theirs with ``fedrun.resume.agree_round``."""
     return next(intact_rounds(run_dir, needed, warn), None)

@@ -64,7 +64,9 @@ def _epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedrun", description="Federated training of diffusion models (FedDiffuse).", epilog=_epilog(),
+        prog="fedrun",
+        description="Federated training of diffusion models (FedDiffuse).",
+        epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fedrun {_version()}")
@@ -116,8 +118,10 @@ def run_failure(e: BaseException) -> str | None:
     rank = f"rank {os.environ.get('RANK', '0')}"
     resume = "start the same command on every rank again to resume from the newest checkpoint"
     if isinstance(e, tdist.DistStoreError) or "waiting for clients" in text:
-        return (f"{rank}: the process group did not form ({text}): start every rank with the same WORLD_SIZE, "
-                f"MASTER_ADDR and MASTER_PORT within dist_timeout_s")
+        return (
+            f"{rank}: the process group did not form ({text}): start every rank with the same WORLD_SIZE, "
+            f"MASTER_ADDR and MASTER_PORT within dist_timeout_s"
+        )
     if re.search(r"timed out|timeout", text, re.IGNORECASE):
         return f"{rank}: a peer rank stopped answering ({text}; dist_timeout_s sets the wait): {resume}"
     if re.search(r"closed by peer|reset by peer|broken pipe|connection refused", text, re.IGNORECASE):

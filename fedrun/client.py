@@ -97,9 +97,16 @@ class StepConfig:
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device) -> StepConfig:
         fed, opt = cfg.federation, cfg.optim
-        return cls(lr=opt.lr, batch_size=opt.batch_size, local_epochs=fed.local_epochs,
-                   max_local_steps=fed.max_local_steps, keep_opt_state=opt.keep_state,
-                   amp_dtype=amp_dtype(opt.amp, device), seed=fed.seed, compile=opt.compile)
+        return cls(
+            lr=opt.lr,
+            batch_size=opt.batch_size,
+            local_epochs=fed.local_epochs,
+            max_local_steps=fed.max_local_steps,
+            keep_opt_state=opt.keep_state,
+            amp_dtype=amp_dtype(opt.amp, device),
+            seed=fed.seed,
+            compile=opt.compile,
+        )
 
 
 @dataclass
@@ -133,8 +140,14 @@ def local_steps(size: int, batch_size: int, local_epochs: float, cap: int | None
 class LocalTrainer:
     """Trains hosted clients one after the other on one working module."""
 
-    def __init__(self, model: nn.Module, diffusion: GaussianDiffusion, step: StepConfig,
-                 device: torch.device, alias_client: int | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        step: StepConfig,
+        device: torch.device,
+        alias_client: int | None = None,
+    ) -> None:
         self.model = model
         self.diffusion = diffusion
         self.cfg = step
@@ -213,8 +226,11 @@ class LocalTrainer:
         steps = local_steps(client.size, self.cfg.batch_size, self.cfg.local_epochs, self.cfg.max_local_steps)
         loss_sum = torch.zeros((), device=self.device)
         seen = 0
-        amp = (torch.autocast(self.device.type, dtype=self.cfg.amp_dtype)
-               if self.cfg.amp_dtype is not None else contextlib.nullcontext())
+        amp = (
+            torch.autocast(self.device.type, dtype=self.cfg.amp_dtype)
+            if self.cfg.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
         for _ in range(steps):
             x0 = self._batch(client)
             seen += int(x0.shape[0])
@@ -246,8 +262,7 @@ def _save_opt_state(opt: torch.optim.Optimizer, named: dict[str, nn.Parameter]) 
     for n, p in named.items():
         st = opt.state.get(p)
         if st:
-            out[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else torch.tensor(v))
-                      for k, v in st.items()}
+            out[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else torch.tensor(v)) for k, v in st.items()}
     return out
 
 

@@ -130,15 +130,18 @@ class CommLog:
         by_round = {r["round"]: r for r in rows if r["round"] <= rnd}
         kept = [by_round[r] for r in sorted(by_round)]
         if bad:
-            warn(f"{self.path}: dropped unreadable line(s) {bad[:5]} (a crash while appending); the rows of "
-                 f"rounds up to {rnd} are kept and the totals continue from the checkpoint")
+            warn(
+                f"{self.path}: dropped unreadable line(s) {bad[:5]} (a crash while appending); the rows of "
+                f"rounds up to {rnd} are kept and the totals continue from the checkpoint"
+            )
         missing = [r for r in range(1, rnd + 1) if r not in by_round]
         if missing:
             warn(f"{self.path} has no rows for round(s) {missing[:5]}; the totals continue from the checkpoint")
-        elif kept and (kept[-1]["paper_params_cum"], kept[-1]["bytes_cum"]) != (self.paper_params_cum,
-                                                                              self.bytes_cum):
-            warn(f"{self.path}: the totals of round {rnd} differ from its checkpoint's; later rows continue "
-                 "from the checkpoint")
+        elif kept and (kept[-1]["paper_params_cum"], kept[-1]["bytes_cum"]) != (self.paper_params_cum, self.bytes_cum):
+            warn(
+                f"{self.path}: the totals of round {rnd} differ from its checkpoint's; later rows continue "
+                "from the checkpoint"
+            )
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(
@@ -171,8 +174,14 @@ class CommLog:
         return {"paper_params_cum": self.paper_params_cum, "bytes_cum": self.bytes_cum}
 
 
-_ROW_FIELDS = {"round": int, "paper_params": int, "paper_params_cum": int, "bytes": int, "bytes_cum": int,
-               "sync_seconds": (int, float)}
+_ROW_FIELDS = {
+    "round": int,
+    "paper_params": int,
+    "paper_params_cum": int,
+    "bytes": int,
+    "bytes_cum": int,
+    "sync_seconds": (int, float),
+}
 
 
 def _parse_rows(text: str) -> tuple[list[dict[str, Any]], list[int]]:
@@ -186,8 +195,9 @@ def _parse_rows(text: str) -> tuple[list[dict[str, Any]], list[int]]:
             row = json.loads(line)
         except ValueError:
             row = None
-        if isinstance(row, dict) and all(isinstance(row.get(k), t) and not isinstance(row.get(k), bool)
-                                         for k, t in _ROW_FIELDS.items()):
+        if isinstance(row, dict) and all(
+            isinstance(row.get(k), t) and not isinstance(row.get(k), bool) for k, t in _ROW_FIELDS.items()
+        ):
             rows.append(row)
         else:
             bad.append(i)

@@ -53,8 +53,12 @@ class ModelConfig:
         choice("model.arch", self.arch, ARCHS)
         if self.dim_mults is not None:
             self.dim_mults = tuple(int(m) for m in self.dim_mults)
-            check(len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
-                   "model.dim_mults", self.dim_mults, "a non-empty list of positive integers")
+            check(
+                len(self.dim_mults) > 0 and all(m > 0 for m in self.dim_mults),
+                "model.dim_mults",
+                self.dim_mults,
+                "a non-empty list of positive integers",
+            )
         check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "allowed: 0 <= dropout < 1")
 
 
@@ -72,8 +76,12 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         check_types(self, "diffusion.")
         check(self.timesteps >= 1, "diffusion.timesteps", self.timesteps, "allowed: an integer >= 1")
-        check(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
-               (self.beta_start, self.beta_end), "allowed: 0 < beta_start < beta_end < 1")
+        check(
+            0 < self.beta_start < self.beta_end < 1,
+            "diffusion.beta_start",
+            (self.beta_start, self.beta_end),
+            "allowed: 0 < beta_start < beta_end < 1",
+        )
         choice("diffusion.loss", self.loss, LOSSES)
 
 
@@ -109,16 +117,29 @@ class DataConfig:
         choice("data.partition", self.partition, PARTITIONS)
         check(self.beta > 0, "data.beta", self.beta, "allowed: beta > 0")
         check(self.min_per_client >= 1, "data.min_per_client", self.min_per_client, "allowed: >= 1")
-        check(self.subset is None or self.subset >= 1, "data.subset", self.subset,
-               "allowed: a positive integer or none")
-        check(self.image_size is None or self.image_size >= 8, "data.image_size", self.image_size,
-               "allowed: an integer >= 8 or none")
+        check(
+            self.subset is None or self.subset >= 1, "data.subset", self.subset, "allowed: a positive integer or none"
+        )
+        check(
+            self.image_size is None or self.image_size >= 8,
+            "data.image_size",
+            self.image_size,
+            "allowed: an integer >= 8 or none",
+        )
         if self.dataset == "imagefolder":
-            check(bool(self.client_data) and "{client}" in self.client_data, "data.client_data",
-                   self.client_data, "imagefolder needs a path template containing '{client}'")
+            check(
+                bool(self.client_data) and "{client}" in self.client_data,
+                "data.client_data",
+                self.client_data,
+                "imagefolder needs a path template containing '{client}'",
+            )
         elif self.client_data is not None:
-            check("{client}" in self.client_data, "data.client_data", self.client_data,
-                   "a path template containing '{client}'")
+            check(
+                "{client}" in self.client_data,
+                "data.client_data",
+                self.client_data,
+                "a path template containing '{client}'",
+            )
 
 
 @dataclass
@@ -146,8 +167,12 @@ class FederationConfig:
         choice("federation.method", self.method, METHOD_NAMES)
         check(self.rounds >= 1, "federation.rounds", self.rounds, "allowed: an integer >= 1")
         check(self.local_epochs > 0, "federation.local_epochs", self.local_epochs, "allowed: > 0")
-        check(self.max_local_steps is None or self.max_local_steps >= 1, "federation.max_local_steps",
-               self.max_local_steps, "allowed: a positive integer or none")
+        check(
+            self.max_local_steps is None or self.max_local_steps >= 1,
+            "federation.max_local_steps",
+            self.max_local_steps,
+            "allowed: a positive integer or none",
+        )
         choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
         choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
         # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
@@ -173,8 +198,12 @@ class OptimConfig:
         check_types(self, "optim.")
         check(self.lr > 0, "optim.lr", self.lr, "allowed: > 0")
         check(self.batch_size >= 1, "optim.batch_size", self.batch_size, "allowed: an integer >= 1")
-        check(self.ema_decay is None or 0 < self.ema_decay < 1, "optim.ema_decay", self.ema_decay,
-               "allowed: 0 < decay < 1 or none")
+        check(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "optim.ema_decay",
+            self.ema_decay,
+            "allowed: 0 < decay < 1 or none",
+        )
         choice("optim.amp", self.amp, AMP_DTYPES)
 
 
@@ -222,8 +251,12 @@ class RunConfig:
         check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "allowed: >= 1")
         check(self.sample_every >= 0, "sample_every", self.sample_every, "allowed: >= 0")
         check(self.num_samples >= 1, "num_samples", self.num_samples, "allowed: >= 1")
-        check(self.sample_steps is None or self.sample_steps >= 1, "sample_steps", self.sample_steps,
-               "allowed: a positive integer or none")
+        check(
+            self.sample_steps is None or self.sample_steps >= 1,
+            "sample_steps",
+            self.sample_steps,
+            "allowed: a positive integer or none",
+        )
         check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
         check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
         choice("device", self.device.split(":")[0], DEVICES)
@@ -232,8 +265,12 @@ class RunConfig:
         if self.name is not None:
             # The run directory stays inside out_dir: a name is a relative path without '..'.
             name = Path(self.name)
-            check(bool(name.parts) and not name.is_absolute() and ".." not in name.parts, "name", self.name,
-                   "allowed: a folder name inside out_dir (not absolute, no '..'), e.g. my-run")
+            check(
+                bool(name.parts) and not name.is_absolute() and ".." not in name.parts,
+                "name",
+                self.name,
+                "allowed: a folder name inside out_dir (not absolute, no '..'), e.g. my-run",
+            )
 
     # -- derived -----------------------------------------------------------------------------
     def run_dir(self) -> Path:

@@ -103,8 +103,7 @@ _LAYOUT: dict[str, tuple[str, str, tuple[str, ...], str]] = {
             "list_bbox_celeba.txt",
             "list_landmarks_align_celeba.txt",
         ),
-        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, 'Align&Cropped' images with img_align_celeba.zip "
-        "unzipped",
+        "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html, 'Align&Cropped' images with img_align_celeba.zip unzipped",
     ),
 }
 
@@ -324,8 +323,10 @@ def load_client_data(
         if data_cfg.partition != "iid":
             given += [f"data.beta={data_cfg.beta}", f"data.min_per_client={data_cfg.min_per_client}"]
         given += [f"data.subset={data_cfg.subset}"] if data_cfg.subset else []
-        raise DataError(f"cannot split {len(full)} {data_cfg.dataset} training examples over federation.clients="
-                        f"{num_clients} ({', '.join(given)}): {e}") from None
+        raise DataError(
+            f"cannot split {len(full)} {data_cfg.dataset} training examples over federation.clients="
+            f"{num_clients} ({', '.join(given)}): {e}"
+        ) from None
     data = {}
     for c in ids:
         idx = torch.from_numpy(parts[c])

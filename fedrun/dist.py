@@ -84,8 +84,9 @@ def _pick_device(device: str, local_rank: int, distributed: bool) -> torch.devic
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceNotAvailableError(f"invalid device={device!r}: CUDA is not available on this machine; "
-                                      "allowed here: auto, cpu")
+        raise DeviceNotAvailableError(
+            f"invalid device={device!r}: CUDA is not available on this machine; allowed here: auto, cpu"
+        )
     # Under a launcher every rank takes its own GPU; an explicit index only counts for one process.
     if distributed or ":" not in device:
         return torch.device("cuda", local_rank)
@@ -196,8 +197,9 @@ def _check_length(n: int, r: int, what: str) -> None:
     if n == -1:
         raise PeerPayloadError(f"rank {r} failed to send its {what}; see its log")
     if not 0 <= n <= wire.MAX_PAYLOAD_BYTES:
-        raise PeerPayloadError(f"rank {r} announced {n} bytes of {what}; a rank accepts 0 to "
-                               f"{wire.MAX_PAYLOAD_BYTES}: refused")
+        raise PeerPayloadError(
+            f"rank {r} announced {n} bytes of {what}; a rank accepts 0 to {wire.MAX_PAYLOAD_BYTES}: refused"
+        )
 
 
 def _padded(payload: bytes, size: int) -> Tensor:
@@ -243,8 +245,9 @@ def _parse(raw: bytes, expected: Any, r: int, what: str) -> Any:
     try:
         return wire.parse(raw, expected)
     except wire.WireError as e:
-        raise PeerPayloadError(f"rank {r} sent an invalid {what} ({e}): refused (does every rank run the "
-                               "same fedrun version?)") from None
+        raise PeerPayloadError(
+            f"rank {r} sent an invalid {what} ({e}): refused (does every rank run the same fedrun version?)"
+        ) from None
 
 
 def all_gather_json(value: Any, expected: Any = Any, what: str = "values") -> list[Any]:
@@ -282,8 +285,9 @@ def gather_arrays(part: Mapping[int, np.ndarray], what: str = "arrays") -> dict[
     """Union, on every rank, of every rank's numpy arrays keyed by int (sample grids by client): the shapes and
     dtypes travel as JSON, then the raw bytes of all arrays in one buffer, checked against them on arrival."""
     arrays = {int(k): np.ascontiguousarray(a) for k, a in part.items()}
-    metas = all_gather_json({k: (list(a.shape), a.dtype.str) for k, a in arrays.items()}, wire.ArrayMeta,
-                            f"{what} shapes")
+    metas = all_gather_json(
+        {k: (list(a.shape), a.dtype.str) for k, a in arrays.items()}, wire.ArrayMeta, f"{what} shapes"
+    )
     raws = _gather_bytes(b"".join(a.tobytes() for a in arrays.values()), what)
     merged: dict[int, np.ndarray] = {}
     for r, (meta, buf) in enumerate(zip(metas, raws, strict=True)):
@@ -299,6 +303,7 @@ def agree(digest: str) -> bool:
     on every rank (all compare the same gathered digests). The details travel only after a mismatch."""
     mine = torch.frombuffer(bytearray(bytes.fromhex(digest)), dtype=torch.uint8)
     return all(torch.equal(d, mine) for d in all_gather_tensor(mine))
+
 
 def all_gather_ints(values: list[int | None], what: str = "slots") -> list[int]:
     """Combine per-rank partial knowledge: each rank fills the slots it knows (e.g. the sizes of the

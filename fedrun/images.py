@@ -58,11 +58,8 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.T
 
     if images.shape[-2:] == (size, size):
         return images
-    out = [
-        F.resize(images[i : i + chunk], [size, size], antialias=True) for i in range(0, len(images), chunk)
-    ]
+    out = [F.resize(images[i : i + chunk], [size, size], antialias=True) for i in range(0, len(images), chunk)]
     return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
-
 
 
 def _open_image(path: Path):
@@ -108,9 +105,7 @@ def load_image_folder(
     if class_dirs:
         files = [(f, c) for c, d in enumerate(class_dirs) for f in _image_files(d)]
     else:
-        files = [
-            (f, 0) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        files = [(f, 0) for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise DataNotFoundError(
             f"no images found in {folder}: put the client's images there "

@@ -46,10 +46,12 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
         "rounds": rounds,
         "comm": comm,
         "bytes_per_round_per_rank": bytes_per_round,
-        "units": {"comm": "N: parameters over all rounds, the paper's count (star topology, round 1's download "
-                          "of the whole model included); usplit: [min, max] over role draws",
-                  "bytes_per_round_per_rank": "bytes one rank hands to its all-reduce in one round, by exchange "
-                                              "dtype (0 on the wire with a single process: no collective)"},
+        "units": {
+            "comm": "N: parameters over all rounds, the paper's count (star topology, round 1's download "
+            "of the whole model included); usplit: [min, max] over role draws",
+            "bytes_per_round_per_rank": "bytes one rank hands to its all-reduce in one round, by exchange "
+            "dtype (0 on the wire with a single process: no collective)",
+        },
     }
 
 
@@ -65,9 +67,11 @@ def format_info(d: dict) -> str:
     for g in GROUPS:
         lines.append(f"  {g:<10} {p[g]:>12,}  {100 * p[g] / p['total']:5.1f} %")
     K, R = d["clients"], d["rounds"]
-    lines += [f"communication of K={K} clients over R={R} rounds, two figures that are not comparable:",
-              *(f"  {line}" for line in TRAFFIC_TERMS),
-              f"  {'method':<8} {'N over the run':<28} {'of full':<16} {'all-reduce per round and rank':<32} of full"]
+    lines += [
+        f"communication of K={K} clients over R={R} rounds, two figures that are not comparable:",
+        *(f"  {line}" for line in TRAFFIC_TERMS),
+        f"  {'method':<8} {'N over the run':<28} {'of full':<16} {'all-reduce per round and rank':<32} of full",
+    ]
     full = d["comm"]["full"]
     full_bytes = d["bytes_per_round_per_rank"]["full"]["fp32"]
     for m in METHOD_NAMES:
@@ -75,9 +79,11 @@ def format_info(d: dict) -> str:
         lo, hi = v if isinstance(v, list) else (v, v)  # usplit: the range over role draws
         b = d["bytes_per_round_per_rank"][m]
         per_dtype = ", ".join(f"{b[dt] / 2**20:,.2f} MiB {dt}" for dt in EXCHANGE_DTYPES)
-        lines.append(f"  {m:<8} {_span(lo, hi, ',.2f', 1e-6) + ' x 10^6':<28} "
-                     f"{_span(lo, hi, '.1f', 100 / full) + ' %':<16} {per_dtype:<32} "
-                     f"{100 * b['fp32'] / full_bytes:.1f} %")
+        lines.append(
+            f"  {m:<8} {_span(lo, hi, ',.2f', 1e-6) + ' x 10^6':<28} "
+            f"{_span(lo, hi, '.1f', 100 / full) + ' %':<16} {per_dtype:<32} "
+            f"{100 * b['fp32'] / full_bytes:.1f} %"
+        )
     return "\n".join(lines)
 
 
@@ -139,9 +145,7 @@ def _add_partition_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=2023, help="partition seed (default 2023, the paper's)")
     p.add_argument("--min-per-client", type=int, default=10, help="skewed kinds: minimum examples per client")
     p.add_argument("--subset", type=int, default=None, help="use only the first N training examples")
-    p.add_argument(
-        "--data-root", default=None, help=f"data root (default $FEDRUN_DATA or {default_data_root()})"
-    )
+    p.add_argument("--data-root", default=None, help=f"data root (default $FEDRUN_DATA or {default_data_root()})")
     p.add_argument("--download", action="store_true", help="download a missing data set (needs internet)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run_partition)

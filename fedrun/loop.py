@@ -75,8 +75,14 @@ class Run:
     """One rank's part of a federated run: its clients, their trainer and exchange, the run directory and the
     sink. ``Run.open`` checks the run directory first; a finished run builds nothing."""
 
-    def __init__(self, cfg: RunConfig, ctx: dist.DistContext, run_dir: RunDir, sink: Sink,
-                 scorer_factory: ScorerFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        ctx: dist.DistContext,
+        run_dir: RunDir,
+        sink: Sink,
+        scorer_factory: ScorerFactory | None = None,
+    ) -> None:
         self.cfg, self.ctx, self.dir, self.sink = cfg, ctx, run_dir, sink
         self.method = get_method(cfg.federation.method)
         self.labels = self.method.model_labels(cfg.federation.clients)
@@ -108,8 +114,9 @@ class Run:
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.sink.close()  # also on an error: the bar ends and the events written so far are kept
 
     # -- rounds ----------------------------------------------------------------------------------
@@ -129,14 +136,22 @@ class Run:
         # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
         # model, or after a resume the checkpointed (already averaged) shared parameters.
         h.exchange.set_reference(h.first.params)
-        self.comm_log = CommLog(self.dir.comm_log if self.ctx.is_main else None, truncate_after=self.start_round,
-                                warn=self.sink.warn, **counters)
-        steps = sum(local_steps(c.size, self.cfg.optim.batch_size, fed.local_epochs, fed.max_local_steps)
-                    for c in h.clients.values())
+        self.comm_log = CommLog(
+            self.dir.comm_log if self.ctx.is_main else None,
+            truncate_after=self.start_round,
+            warn=self.sink.warn,
+            **counters,
+        )
+        steps = sum(
+            local_steps(c.size, self.cfg.optim.batch_size, fed.local_epochs, fed.max_local_steps)
+            for c in h.clients.values()
+        )
         self.sink.start_rounds(fed.rounds, self.start_round, steps)
         if self.start_round == 0:
-            self.sink.info(f"{fed.method} | {fed.clients} clients on {self.ctx.world_size} rank(s) | sizes "
-                           f"{h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}")
+            self.sink.info(
+                f"{fed.method} | {fed.clients} clients on {self.ctx.world_size} rank(s) | sizes "
+                f"{h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}"
+            )
             self.sink.config(self.cfg.to_json(), self.cfg.to_flat_dict(), metrics=("round/loss", "fid/train"))
 
     def rounds(self) -> range:
@@ -161,16 +176,22 @@ class Run:
         self._check_finite(rnd, losses)
 
         # One gather per round brings every rank's losses, images and bytes to rank 0.
-        per_rank = dist.gather_dict({self.ctx.rank: (losses, images, sync.bytes)},
-                                    tuple[dict[int, float], int, int], "round losses").values()
+        per_rank = dist.gather_dict(
+            {self.ctx.rank: (losses, images, sync.bytes)}, tuple[dict[int, float], int, int], "round losses"
+        ).values()
         all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
         paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
         collective = self.ctx.world_size > 1  # one process averages in memory: its 0 bytes mean none, not free
-        row = self.comm_log.append(rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s,
-                                   collective=collective)
-        stats = RoundStats(rnd, loss=float(np.mean(list(all_losses.values()))),
-                           images_per_s=sum(n for _, n, _ in per_rank) / max(compute_s + sync_s, 1e-9),
-                           compute_s=compute_s, sync_s=sync_s)
+        row = self.comm_log.append(
+            rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s, collective=collective
+        )
+        stats = RoundStats(
+            rnd,
+            loss=float(np.mean(list(all_losses.values()))),
+            images_per_s=sum(n for _, n, _ in per_rank) / max(compute_s + sync_s, 1e-9),
+            compute_s=compute_s,
+            sync_s=sync_s,
+        )
         sink = self.sink
         for k, v in sorted(all_losses.items()):
             sink.scalar(f"client/{k}/loss", v, rnd)
@@ -183,8 +204,9 @@ class Run:
         sink.scalar("time/compute_s", compute_s, rnd)
         sink.scalar("time/sync_s", sync_s, rnd)
         sink.scalar("throughput/images_per_s", stats.images_per_s, rnd)
-        sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s,
-                       comm=wire_text(sync.bytes, collective))
+        sink.end_round(
+            rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s, comm=wire_text(sync.bytes, collective)
+        )
         return stats
 
     def _check_finite(self, rnd: int, losses: dict[int, float]) -> None:
@@ -211,9 +233,12 @@ class Run:
             what = f"client {k}'s mean local loss is {'nan' if status[k] == _LOSS_NAN else 'inf'}"
         else:
             what = f"client(s) {[k for k, s in enumerate(status) if s]} hold non-finite parameters after the exchange"
-        kept = (f"keeps its checkpoints up to round {self.last_checkpoint}: lower optim.lr (--lr) and start a new "
-                "run (another --name)" if self.last_checkpoint else
-                "wrote no checkpoint: lower optim.lr (--lr) and start it again (the same --name starts anew)")
+        kept = (
+            f"keeps its checkpoints up to round {self.last_checkpoint}: lower optim.lr (--lr) and start a new "
+            "run (another --name)"
+            if self.last_checkpoint
+            else "wrote no checkpoint: lower optim.lr (--lr) and start it again (the same --name starts anew)"
+        )
         raise DivergedError(f"training diverged in round {rnd}: {what}; the run stops without DONE and {kept}")
 
     def _trainable(self, plan: RoundPlan, client: int) -> set[str] | None:
@@ -229,8 +254,11 @@ class Run:
         rdir = ckpt.round_dir(self.dir, rnd)
         files = {ckpt.client_file(rdir, k).name: c.state_dict() for k, c in self.hosted.clients.items()}
         if self.ctx.is_main:
-            files[ckpt.shared_file(rdir).name] = {"round": rnd, "config": self.cfg.to_json(),
-                                                  "counters": self.comm_log.counters()}
+            files[ckpt.shared_file(rdir).name] = {
+                "round": rnd,
+                "config": self.cfg.to_json(),
+                "counters": self.comm_log.counters(),
+            }
         try:
             ckpt.write_part(rdir, self.ctx.rank, files)
             sealed = 1
@@ -239,9 +267,11 @@ class Run:
             sealed = 0
         failed = [r for r, (ok,) in enumerate(gather_ints([sealed])) if not ok]
         if failed:
-            raise RuntimeError(f"checkpoint of round {rnd} is incomplete: rank(s) {failed} could not write their "
-                               f"part (see their logs); the run keeps its checkpoints up to round "
-                               f"{self.last_checkpoint}")
+            raise RuntimeError(
+                f"checkpoint of round {rnd} is incomplete: rank(s) {failed} could not write their "
+                f"part (see their logs); the run keeps its checkpoints up to round "
+                f"{self.last_checkpoint}"
+            )
         if self.ctx.is_main:
             ckpt.mark_latest(self.dir, rnd)
         ckpt.prune(self.dir, rnd, self.cfg.keep_checkpoints)  # every rank its own run directory
@@ -264,8 +294,10 @@ class Run:
         """
         fed, h = self.cfg.federation, self.hosted
         if self.cfg.optim.ema_decay:
-            h.exchange.sync(self.method.final_plan(fed.rounds, fed.clients, fed.seed),
-                            {k: c.ema.shadow for k, c in h.clients.items()})
+            h.exchange.sync(
+                self.method.final_plan(fed.rounds, fed.clients, fed.seed),
+                {k: c.ema.shadow for k, c in h.clients.items()},
+            )
         # After a full-model sync every client holds the global model: rank 0 writes its first one.
         owners = list(h.clients.values()) if self.method.personalised else [h.first] if self.ctx.is_main else []
         for client in owners:
@@ -308,8 +340,9 @@ class Run:
         grids: dict[int, np.ndarray] = {}
         for k in self._models():
             g = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.federation.seed, 3, k))
-            x = self.hosted.diffusion.sample(self.hosted.model, (n, channels, size, size), device,
-                                             steps=self.cfg.sample_steps, generator=g)
+            x = self.hosted.diffusion.sample(
+                self.hosted.model, (n, channels, size, size), device, steps=self.cfg.sample_steps, generator=g
+            )
             grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
             grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if final:
@@ -325,8 +358,9 @@ class Run:
             if self._scorer is None:  # reference statistics load once, on the ranks that score
                 assert self._scorer_factory is not None, "train() refuses fid_every > 0 without a factory"
                 self._scorer = self._scorer_factory(self.cfg, self.ctx.device, self.dir.eval)
-            scores[k] = self._scorer(self.hosted.model, self.hosted.diffusion,
-                                     derive_seed(self.cfg.federation.seed, 4, k))
+            scores[k] = self._scorer(
+                self.hosted.model, self.hosted.diffusion, derive_seed(self.cfg.federation.seed, 4, k)
+            )
         scores = dist.gather_dict(scores, float, "FID scores")
         mean = float(np.mean(list(scores.values())))
         if self.method.personalised:
@@ -334,8 +368,7 @@ class Run:
                 self.sink.scalar(f"fid/train/{self._label(k)}", v, rnd)
         self.sink.scalar("fid/train", mean, rnd)
         ref = self.cfg.fid_ref or f"{self.cfg.data.dataset}:test"
-        self.sink.info(f"round {rnd}: FID {mean:.2f} ({len(scores)} model(s), {self.cfg.fid_samples} samples "
-                       f"vs {ref})")
+        self.sink.info(f"round {rnd}: FID {mean:.2f} ({len(scores)} model(s), {self.cfg.fid_samples} samples vs {ref})")
 
     def finish(self) -> None:
         """Close the event files, then mark the run DONE once every rank has written its outputs."""

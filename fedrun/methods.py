@@ -153,10 +153,15 @@ class Method:
 METHODS: dict[str, Method] = {
     "full": Method("full", _everyone(GROUPS, "full", broadcast_all=True), personalised=False, ever_shared=GROUPS),
     "usplit": Method("usplit", plan_usplit, personalised=False, ever_shared=GROUPS, split_roles=True),
-    "ulatdec": Method("ulatdec", _everyone(("bottleneck", "decoder"), "ulatdec", broadcast_all=False),
-                      personalised=True, ever_shared=("bottleneck", "decoder")),
-    "udec": Method("udec", _everyone(("decoder",), "udec", broadcast_all=False), personalised=True,
-                   ever_shared=("decoder",)),
+    "ulatdec": Method(
+        "ulatdec",
+        _everyone(("bottleneck", "decoder"), "ulatdec", broadcast_all=False),
+        personalised=True,
+        ever_shared=("bottleneck", "decoder"),
+    ),
+    "udec": Method(
+        "udec", _everyone(("decoder",), "udec", broadcast_all=False), personalised=True, ever_shared=("decoder",)
+    ),
 }
 """Registry: method name -> Method."""
 

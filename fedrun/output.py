@@ -85,8 +85,13 @@ class ConsoleSink(Sink):
         if self.stream.isatty() and total_rounds > start_round:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=(total_rounds - start_round) * steps_per_round, unit="step", file=self.stream,
-                             dynamic_ncols=True, desc=f"round {start_round + 1}/{total_rounds}")
+            self._bar = tqdm(
+                total=(total_rounds - start_round) * steps_per_round,
+                unit="step",
+                file=self.stream,
+                dynamic_ncols=True,
+                desc=f"round {start_round + 1}/{total_rounds}",
+            )
 
     def advance_steps(self, n: int) -> None:
         if self._bar is not None:
@@ -99,9 +104,12 @@ class ConsoleSink(Sink):
             self._bar.set_description(f"round {min(rnd + 1, self._total)}/{self._total}")
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", sync=f"{sync_s:.3f}s")
         else:
-            print(f"round {rnd}/{self._total} | loss {loss:.4f} | {images_per_s:.1f} img/s | sync {sync_s:.3f}s | "
-                  f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}" + (f" | {comm}" if comm else ""),
-                  file=self.stream, flush=True)
+            print(
+                f"round {rnd}/{self._total} | loss {loss:.4f} | {images_per_s:.1f} img/s | sync {sync_s:.3f}s | "
+                f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}" + (f" | {comm}" if comm else ""),
+                file=self.stream,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self._bar is not None:
@@ -155,8 +163,10 @@ class TensorBoardSink(ConsoleSink):
         events = self._events()
         events.add_text("config", "```json\n" + text + "\n```", 0)  # Markdown: a code block keeps the layout
         # hparams takes numbers, strings and booleans: None and tuples as text.
-        values = {k: v if isinstance(v, (bool, int, float, str)) else "none" if v is None else str(v)
-                  for k, v in fields.items()}
+        values = {
+            k: v if isinstance(v, (bool, int, float, str)) else "none" if v is None else str(v)
+            for k, v in fields.items()
+        }
         for summary in hparams(values, dict.fromkeys(metrics, 0.0)):
             events.file_writer.add_summary(summary, 0)
 
@@ -198,13 +208,18 @@ class _Steps:
             self._last = now
             rate = self.done / max(now - self._t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"fedrun: {self.desc}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
-                  f"ETA {format_duration(eta)})", file=self._stream, flush=True)
+            print(
+                f"fedrun: {self.desc}: {self.done}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, "
+                f"ETA {format_duration(eta)})",
+                file=self._stream,
+                flush=True,
+            )
 
 
 @contextmanager
-def steps(total: int, desc: str, unit: str = "img", enabled: bool = True, stream: TextIO | None = None,
-          every_s: float = 30.0) -> Iterator[_Steps]:
+def steps(
+    total: int, desc: str, unit: str = "img", enabled: bool = True, stream: TextIO | None = None, every_s: float = 30.0
+) -> Iterator[_Steps]:
     """Report a long step of ``total`` units: a tqdm bar on a terminal, else a progress line at most every
     ``every_s`` seconds and at the end (a log file shows it is alive). ``enabled=False``: silent."""
     stream = stream or sys.stderr

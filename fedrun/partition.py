@@ -82,8 +82,9 @@ def partition(
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
-def _give_up(kind: str, num_clients: int, n: int, beta: float, min_per_client: int, draws: int,
-             trials: int = 0) -> PartitionError:
+def _give_up(
+    kind: str, num_clients: int, n: int, beta: float, min_per_client: int, draws: int, trials: int = 0
+) -> PartitionError:
     why = f", and none of {trials:,} trial draws of the sizes did: practically impossible" if trials else ""
     return PartitionError(
         f"{kind} partition could not give each of {num_clients} clients >= {min_per_client} of {n} "
@@ -91,16 +92,19 @@ def _give_up(kind: str, num_clients: int, n: int, beta: float, min_per_client: i
     )
 
 
-def _stop_if_hopeless(draw: int, max_draws: int, kind: str, class_counts: np.ndarray, k: int, beta: float,
-                      min_per_client: int, seed: int) -> None:
+def _stop_if_hopeless(
+    draw: int, max_draws: int, kind: str, class_counts: np.ndarray, k: int, beta: float, min_per_client: int, seed: int
+) -> None:
     """After ``EARLY_CHECK_DRAWS`` failed draws (of more allowed), give up at once if the rest cannot succeed."""
-    if draw == EARLY_CHECK_DRAWS < max_draws and _practically_impossible(kind, class_counts, k, beta,
-                                                                         min_per_client, seed):
+    if draw == EARLY_CHECK_DRAWS < max_draws and _practically_impossible(
+        kind, class_counts, k, beta, min_per_client, seed
+    ):
         raise _give_up(kind, k, int(class_counts.sum()), beta, min_per_client, draw, trials=TRIAL_DRAWS)
 
 
-def _practically_impossible(kind: str, class_counts: np.ndarray, k: int, beta: float, min_per_client: int,
-                            seed: int) -> bool:
+def _practically_impossible(
+    kind: str, class_counts: np.ndarray, k: int, beta: float, min_per_client: int, seed: int
+) -> bool:
     """Whether none of ``TRIAL_DRAWS`` draws of the client sizes alone gives every client >= min_per_client.
 
     The sizes follow the same rule as the real draws (Dirichlet shares, NIID-Bench's balancing for
@@ -149,7 +153,12 @@ def _quantity_skew(
 
 
 def _label_skew(
-    labels: np.ndarray, k: int, beta: float, min_per_client: int, max_draws: int, rng: np.random.RandomState,
+    labels: np.ndarray,
+    k: int,
+    beta: float,
+    min_per_client: int,
+    max_draws: int,
+    rng: np.random.RandomState,
     seed: int,
 ) -> list[np.ndarray]:
     n = len(labels)

@@ -49,8 +49,9 @@ def claim(cfg: RunConfig, is_main: bool, run_dir: RunDir, warn: Warn) -> bool:
     if error is not None:
         raise error
     if code == _REFUSED:
-        raise RunDirError(f"rank 0 refused to start the run in its run directory ({cfg.run_dir()} there): see its "
-                          "log for what to do")
+        raise RunDirError(
+            f"rank 0 refused to start the run in its run directory ({cfg.run_dir()} there): see its log for what to do"
+        )
     return code == _GO
 
 
@@ -71,15 +72,22 @@ def check_resumable(cfg: RunConfig, run_dir: RunDir, warn: Warn) -> None:
     if saved is None:
         saved, source = _checkpoint_config(rounds.values())
         if saved is None:
-            raise RunDirError(f"cannot resume {run_dir.root}: {run_dir.config} {why} and no checkpoint holds a "
-                              f"readable config: restore {run_dir.config.name}, or remove {run_dir.checkpoints} "
-                              "to start the run anew, or choose another --name/--out-dir")
-        warn(f"{run_dir.config} {why}: the resume is checked against the config saved in {source} "
-             f"({run_dir.config.name} is written again)")
+            raise RunDirError(
+                f"cannot resume {run_dir.root}: {run_dir.config} {why} and no checkpoint holds a "
+                f"readable config: restore {run_dir.config.name}, or remove {run_dir.checkpoints} "
+                "to start the run anew, or choose another --name/--out-dir"
+            )
+        warn(
+            f"{run_dir.config} {why}: the resume is checked against the config saved in {source} "
+            f"({run_dir.config.name} is written again)"
+        )
     diffs = _differences(saved, cfg)
     if diffs:
-        raise ConfigError(f"cannot resume {run_dir.root}: its config differs in " + ", ".join(diffs)
-                          + "; choose another --name/--out-dir")
+        raise ConfigError(
+            f"cannot resume {run_dir.root}: its config differs in "
+            + ", ".join(diffs)
+            + "; choose another --name/--out-dir"
+        )
 
 
 def _differences(saved: RunConfig, cfg: RunConfig) -> list[str]:
@@ -129,8 +137,10 @@ def agree_round(run_dir: RunDir, needed: Iterable[str], is_main: bool, warn: War
     if is_main and agreed < max(first):
         behind = [r for r, p in enumerate(first) if p < max(first)]
         then = f"resumes after round {agreed}" if agreed else "starts the run anew"
-        warn(f"rank(s) {behind} have no intact checkpoint of round {max(first)} (newest intact round per rank: "
-             f"{first}): every rank {then}")
+        warn(
+            f"rank(s) {behind} have no intact checkpoint of round {max(first)} (newest intact round per rank: "
+            f"{first}): every rank {then}"
+        )
     return agreed, (mine[1] if mine is not None and agreed else None)
 
 

@@ -24,11 +24,30 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RESUMABLE_CHANGES = frozenset({
-    "data.root", "data.download", "data.placement", "federation.rounds", "out_dir", "name", "checkpoint_every",
-    "keep_checkpoints", "sample_every", "num_samples", "sample_steps", "fid_every", "fid_samples", "fid_ref",
-    "device", "dist_timeout_s", "preset", "optim.compile", "optim.amp", "threads",
-})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data.root",
+        "data.download",
+        "data.placement",
+        "federation.rounds",
+        "out_dir",
+        "name",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "num_samples",
+        "sample_steps",
+        "fid_every",
+        "fid_samples",
+        "fid_ref",
+        "device",
+        "dist_timeout_s",
+        "preset",
+        "optim.compile",
+        "optim.amp",
+        "threads",
+    }
+)
 """Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are,
 how long it runs, what it logs, how fast it computes. Any other difference changes the result and is refused."""
 
@@ -40,8 +59,11 @@ def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list
     def norm(v: Any) -> Any:  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v
 
-    return [f"{k} ({saved[k]!r} -> {new.get(k)!r})" for k in sorted(saved)
-            if k not in RESUMABLE_CHANGES and norm(saved[k]) != norm(new.get(k))]
+    return [
+        f"{k} ({saved[k]!r} -> {new.get(k)!r})"
+        for k in sorted(saved)
+        if k not in RESUMABLE_CHANGES and norm(saved[k]) != norm(new.get(k))
+    ]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -154,8 +176,11 @@ class RunDir:
         try:
             got = json.loads(text).get("rounds")
         except (ValueError, AttributeError):
-            print(f"fedrun: warning: {self.done} is unreadable ({text[:40]!r}); treating the run as unfinished",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fedrun: warning: {self.done} is unreadable ({text[:40]!r}); treating the run as unfinished",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
         return got is None or got == rounds
 

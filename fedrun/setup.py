@@ -60,33 +60,56 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.
         exchange.adopt(model)
-    trainer = LocalTrainer(model, diffusion, StepConfig.from_config(cfg, ctx.device), ctx.device,
-                           alias_client=hosted[0] if len(hosted) == 1 else None)
+    trainer = LocalTrainer(
+        model,
+        diffusion,
+        StepConfig.from_config(cfg, ctx.device),
+        ctx.device,
+        alias_client=hosted[0] if len(hosted) == 1 else None,
+    )
     images = _place_images(cfg, ctx, data, sink)
     del data  # host copies of images moved to the GPU are freed here
-    clients = {k: ClientState(cid=k, params=trainer.new_client_params(k), images=images[k],
-                              ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None)
-               for k in hosted}
-    return Hosted(model=model, diffusion=diffusion, groups=groups, group_sizes=group_sizes(model), sizes=sizes,
-                  clients=clients, trainer=trainer, exchange=exchange)
+    clients = {
+        k: ClientState(
+            cid=k,
+            params=trainer.new_client_params(k),
+            images=images[k],
+            ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        )
+        for k in hosted
+    }
+    return Hosted(
+        model=model,
+        diffusion=diffusion,
+        groups=groups,
+        group_sizes=group_sizes(model),
+        sizes=sizes,
+        clients=clients,
+        trainer=trainer,
+        exchange=exchange,
+    )
 
 
 def _load_data(cfg: RunConfig, hosted: list[int]) -> tuple[dict[int, ClientData], list[int]]:
     """The hosted clients' data, checked against the model's image shape, and every client's size."""
     K = cfg.federation.clients
     data, sizes = load_client_data(cfg.data, K, hosted, cfg.federation.seed)
-    sizes = dist.all_gather_ints([sizes[k] if k in hosted else None for k in range(K)]
-                                 if sizes is not None else [None] * K, "client sizes")
+    sizes = dist.all_gather_ints(
+        [sizes[k] if k in hosted else None for k in range(K)] if sizes is not None else [None] * K, "client sizes"
+    )
     channels, size = image_shape(cfg)
     for k in hosted:
         if tuple(data[k].images.shape[1:]) != (channels, size, size):
-            raise ConfigError(f"client {k}'s images are {tuple(data[k].images.shape[1:])}, the model "
-                              f"expects {(channels, size, size)}: set data.image_size")
+            raise ConfigError(
+                f"client {k}'s images are {tuple(data[k].images.shape[1:])}, the model "
+                f"expects {(channels, size, size)}: set data.image_size"
+            )
     return data, sizes
 
 
-def _initial_model(cfg: RunConfig, method: Method,
-                   device: torch.device) -> tuple[nn.Module, GaussianDiffusion, dict[str, list[str]]]:
+def _initial_model(
+    cfg: RunConfig, method: Method, device: torch.device
+) -> tuple[nn.Module, GaussianDiffusion, dict[str, list[str]]]:
     """The same initial model on every rank, its diffusion process and its parameter groups."""
     torch.manual_seed(derive_seed(cfg.federation.seed, 0))  # identical initial model on every rank
     # channels_last: the 7x7 depthwise convolutions of the paper's UNet run their backward pass many
@@ -95,15 +118,15 @@ def _initial_model(cfg: RunConfig, method: Method,
     diffusion = build_diffusion(cfg)
     groups = parameter_groups(model)
     named = dict(model.named_parameters())
-    check_signature([(n, tuple(named[n].shape), str(named[n].dtype))
-                     for g in method.ever_shared for n in groups[g]])
+    check_signature([(n, tuple(named[n].shape), str(named[n].dtype)) for g in method.ever_shared for n in groups[g]])
     # All clients start from the same full model (the paper), so broadcast everything once.
     dist.broadcast_state([p.data for p in model.parameters()])
     return model, diffusion, groups
 
 
-def _place_images(cfg: RunConfig, ctx: dist.DistContext, data: dict[int, ClientData],
-                  sink: Sink) -> dict[int, torch.Tensor]:
+def _place_images(
+    cfg: RunConfig, ctx: dist.DistContext, data: dict[int, ClientData], sink: Sink
+) -> dict[int, torch.Tensor]:
     """Each hosted client's images on the training device when they fit (no transfer per step), else on the
     host (pinned batch copies, ``fedrun.client``)."""
     nbytes = sum(d.images.numel() for d in data.values())
@@ -111,6 +134,8 @@ def _place_images(cfg: RunConfig, ctx: dist.DistContext, data: dict[int, ClientD
     if ctx.device.type == "cuda":
         # Every rank decides for itself (free memory differs); rank 0 says what each one chose.
         for rank, (n, where) in sorted(dist.gather_dict({ctx.rank: (nbytes, place)}, tuple[int, str]).items()):
-            sink.info(f"rank {rank} keeps its {n / 2**20:.0f} MiB of images on the "
-                      f"{'GPU' if where == 'device' else 'host (pinned batches)'}")
+            sink.info(
+                f"rank {rank} keeps its {n / 2**20:.0f} MiB of images on the "
+                f"{'GPU' if where == 'device' else 'host (pinned batches)'}"
+            )
     return {k: d.images.to(ctx.device) if place == "device" else d.images for k, d in data.items()}

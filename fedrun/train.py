@@ -24,13 +24,17 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
     from ``evaluation`` (fedrun itself never imports it).
     """
     if cfg.fid_every and scorer_factory is None:
-        raise ConfigError(f"fid_every={cfg.fid_every}: FID during training needs the `fedrun train` CLI, which "
-                          "passes the scorer (or set fid_every=0 and run `fedrun eval` afterwards)")
+        raise ConfigError(
+            f"fid_every={cfg.fid_every}: FID during training needs the `fedrun train` CLI, which "
+            "passes the scorer (or set fid_every=0 and run `fedrun eval` afterwards)"
+        )
     rounds = cfg.federation.rounds
     K, W = cfg.federation.clients, dist.env_world_size()
     if K < W:  # before the process group: each rank says so at once instead of after the others joined
-        raise ConfigError(f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
-                          f"every rank hosts at least one client (use --clients >= {W})")
+        raise ConfigError(
+            f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
+            f"every rank hosts at least one client (use --clients >= {W})"
+        )
     ctx = dist.init_distributed(cfg.device, cfg.dist_timeout_s)
     # Chosen on purpose (fedrun.threads): on a busy CPU the count swings a step's speed 5-10x.
     threads = apply_threads(cfg.threads)

@@ -86,8 +86,7 @@ def decode(value: Any, expected: Any, where: str = "", depth: int = 0) -> Any:
         return _sequence(value, origin, args, where, depth)
     if origin is dict and isinstance(value, dict):
         key_type, value_type = args
-        return {_key(k, key_type, where): decode(v, value_type, f"{where}[{k!r}]", depth + 1)
-                for k, v in value.items()}
+        return {_key(k, key_type, where): decode(v, value_type, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
     raise _wrong(value, expected, where)
 
 

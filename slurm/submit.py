@@ -128,8 +128,10 @@ def resolve_tasks_per_node(opts: SlurmOptions, clients: list[int] | int) -> int:
         tpn = max(1, min(ks) // opts.nodes)  # a rank per client, as far as they divide over the nodes
     ranks = tpn * opts.nodes
     if ranks > min(ks):
-        raise SubmitError(f"{ranks} ranks ({opts.nodes} node(s) x {tpn} task(s)) but only {min(ks)} clients: "
-                          "a rank hosts at least one client; lower --tasks-per-node/--nodes")
+        raise SubmitError(
+            f"{ranks} ranks ({opts.nodes} node(s) x {tpn} task(s)) but only {min(ks)} clients: "
+            "a rank hosts at least one client; lower --tasks-per-node/--nodes"
+        )
     if opts.gpus_per_node and tpn > opts.gpus_per_node:
         raise SubmitError(f"--tasks-per-node {tpn} exceeds --gpus-per-node {opts.gpus_per_node}")
     return tpn
@@ -163,8 +165,9 @@ def executor_parameters(opts: SlurmOptions, tasks_per_node: int, name: str) -> d
     return {k: v for k, v in params.items() if v is not None}
 
 
-def make_executor(folder: Path, opts: SlurmOptions, tasks_per_node: int, name: str,
-                  preview: bool = False) -> submitit.AutoExecutor:
+def make_executor(
+    folder: Path, opts: SlurmOptions, tasks_per_node: int, name: str, preview: bool = False
+) -> submitit.AutoExecutor:
     """submitit's Slurm executor for these options; ``preview``: one that only renders the sbatch script."""
     if preview and submitit.SlurmExecutor.affinity() <= 0:
         # submitit refuses to build its Slurm executor without srun on PATH; a dry run only renders the script,
@@ -191,8 +194,10 @@ def require_sbatch() -> None:
     """Submitting needs sbatch, and srun for the script it submits (submitit refuses to start without it)."""
     missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
     if missing:
-        raise SubmitError(f"{' and '.join(missing)} not found on PATH: run on a Slurm login node (or start a local "
-                          "cluster with `sudo bash slurm/start_cluster.sh`), or use --dry-run")
+        raise SubmitError(
+            f"{' and '.join(missing)} not found on PATH: run on a Slurm login node (or start a local "
+            "cluster with `sudo bash slurm/start_cluster.sh`), or use --dry-run"
+        )
 
 
 # -- what runs inside each Slurm task ---------------------------------------------------------------
@@ -234,15 +239,17 @@ class FederatedRun(Checkpointable):
         env = export_distributed_env()
         cfg = self.config
         if env.rank == 0:
-            print(f"fedrun: rank 0 of {env.world_size}, rendezvous {env.master_addr}:{env.master_port}, "
-                  f"run dir {cfg.run_dir()}", flush=True)
+            print(
+                f"fedrun: rank 0 of {env.world_size}, rendezvous {env.master_addr}:{env.master_port}, "
+                f"run dir {cfg.run_dir()}",
+                flush=True,
+            )
         return str(self.train_fn(cfg))  # torch is imported in the task, never at submission
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         # Nothing to save here: train() checkpoints every `checkpoint_every` rounds and resumes
         # from the newest complete one; the work since then is redone.
-        print("fedrun: timeout/preemption signal: requeueing; the run resumes from its latest checkpoint",
-              flush=True)
+        print("fedrun: timeout/preemption signal: requeueing; the run resumes from its latest checkpoint", flush=True)
         return DelayedSubmission(FederatedRun(self.config_json, self.train_fn))
 
 

@@ -113,8 +113,9 @@ def validate_grid(grid: Grid) -> None:
     known = field_names()
     for key, values in grid.items():
         if key in RESERVED:
-            raise GridError(f"sweep grid: {key!r} cannot vary (each run's directory is named by the sweep; "
-                            f"use {RESERVED[key]})")
+            raise GridError(
+                f"sweep grid: {key!r} cannot vary (each run's directory is named by the sweep; use {RESERVED[key]})"
+            )
         if key not in known:
             raise GridError(f"sweep grid: {unknown_field_message(key)}")
         if not isinstance(values, list) or not values:
@@ -186,8 +187,13 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def plan_sweep(base: RunConfig, grid: Grid, sweep_dir: Path, opts: SlurmOptions,
-               active: Callable[[list[str]], set[str]] | None = None) -> list[SweepPoint]:
+def plan_sweep(
+    base: RunConfig,
+    grid: Grid,
+    sweep_dir: Path,
+    opts: SlurmOptions,
+    active: Callable[[list[str]], set[str]] | None = None,
+) -> list[SweepPoint]:
     """Every grid point with its config and status; `active(job_ids)` returns those still in the queue."""
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     points: list[SweepPoint] = []
@@ -229,8 +235,9 @@ def squeue_active(job_ids: list[str]) -> set[str]:
         return found
     for array_id in sorted({j.split("_")[0] for j in job_ids}):
         # -r: one line per array element; an id Slurm has forgotten makes squeue fail -> not active
-        res = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", array_id],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i", "-j", array_id], capture_output=True, text=True, check=False
+        )
         if res.returncode == 0:
             found |= set(res.stdout.split())
     return {j for j in job_ids if j in found}
@@ -239,8 +246,14 @@ def squeue_active(job_ids: list[str]) -> set[str]:
 # -- manifest and submission ---------------------------------------------------------------------
 
 
-def manifest_dict(sweep_dir: Path, grid: Grid, base: RunConfig, points: list[SweepPoint],
-                  array_job_id: str | None, sbatch: dict[str, Any]) -> dict[str, Any]:
+def manifest_dict(
+    sweep_dir: Path,
+    grid: Grid,
+    base: RunConfig,
+    points: list[SweepPoint],
+    array_job_id: str | None,
+    sbatch: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "sweep_dir": str(sweep_dir),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -249,8 +262,14 @@ def manifest_dict(sweep_dir: Path, grid: Grid, base: RunConfig, points: list[Swe
         "sbatch": sbatch,
         "base_config": base.to_dict(),
         "runs": [
-            {"index": p.index, "array_index": p.array_index, "job_id": p.job_id, "status": p.status,
-             "overrides": p.overrides, "run_dir": str(p.run_dir)}
+            {
+                "index": p.index,
+                "array_index": p.array_index,
+                "job_id": p.job_id,
+                "status": p.status,
+                "overrides": p.overrides,
+                "run_dir": str(p.run_dir),
+            }
             for p in points
         ],
     }
@@ -279,9 +298,15 @@ class SweepResult:
         return [p for p in self.points if p.array_index is not None]
 
 
-def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, train_fn: TrainFn, sweep_dir: Path | None = None,
-              dry_run: bool = False,
-              active: Callable[[list[str]], set[str]] | None = squeue_active) -> SweepResult:
+def run_sweep(
+    base: RunConfig,
+    grid: Grid,
+    opts: SlurmOptions,
+    train_fn: TrainFn,
+    sweep_dir: Path | None = None,
+    dry_run: bool = False,
+    active: Callable[[list[str]], set[str]] | None = squeue_active,
+) -> SweepResult:
     """Plan the grid; unless dry_run, submit the unfinished points as one job array of ``train_fn(cfg)``
     and write the manifest."""
     sweep_dir = Path(sweep_dir or default_sweep_dir(base)).expanduser().resolve()
@@ -306,8 +331,9 @@ def run_sweep(base: RunConfig, grid: Grid, opts: SlurmOptions, train_fn: TrainFn
             p.array_index, p.job_id, p.status = k, job.job_id, "submitted"
         result.jobs = jobs
         result.array_job_id = jobs[0].job_id.split("_")[0]
-    result.manifest = write_manifest(sweep_dir, manifest_dict(sweep_dir, grid, base, points,
-                                                              result.array_job_id, sbatch))
+    result.manifest = write_manifest(
+        sweep_dir, manifest_dict(sweep_dir, grid, base, points, result.array_job_id, sbatch)
+    )
     return result
 
 

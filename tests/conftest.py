@@ -108,8 +108,10 @@ def require(asset: Asset) -> Path:
     if asset.found is not None:
         return asset.found
     _missing[asset.what] = asset
-    why = (f"{MISSING}{asset.what} not found in {', '.join(map(str, asset.candidates))}: "
-           f"put {asset.where_to_put()} (`make test` downloads it with internet)")
+    why = (
+        f"{MISSING}{asset.what} not found in {', '.join(map(str, asset.candidates))}: "
+        f"put {asset.where_to_put()} (`make test` downloads it with internet)"
+    )
     if in_ci():
         pytest.fail(f"CI=true but {why}", pytrace=False)
     pytest.skip(why)
@@ -139,8 +141,21 @@ def compute_reference_stats(data_root: Path, torch_home: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.stem}.tmp-{os.getpid()}.npz")  # renamed when complete: never half a file
     tmp.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "fedrun", "fid", "--save-stats", "fashion-mnist:test", str(tmp),
-           "--num", str(STATS_IMAGES), "--data-root", str(data_root), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedrun",
+        "fid",
+        "--save-stats",
+        "fashion-mnist:test",
+        str(tmp),
+        "--num",
+        str(STATS_IMAGES),
+        "--data-root",
+        str(data_root),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if res.returncode != 0 or not tmp.is_file():
@@ -167,9 +182,13 @@ def reference_stats(data_root: Path, torch_home: Path) -> Path:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--data-root", default=None, metavar="DIR",
-                     help="dataset root for the data tests, as `fedrun --data-root` (default: $FEDRUN_DATA, "
-                          "else ~/.cache/fedrun/data; then ../shared/data)")
+    parser.addoption(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="dataset root for the data tests, as `fedrun --data-root` (default: $FEDRUN_DATA, "
+        "else ~/.cache/fedrun/data; then ../shared/data)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -211,8 +230,10 @@ def missing_summary(reports: list[pytest.TestReport]) -> str | None:
     for what, asset in _missing.items():
         n = sum(f"{MISSING}{what} " in str(r.longrepr[2]) for r in ours)
         parts.append(f"{what} ({n} test{'s' * (n != 1)}): put {asset.where_to_put()}")
-    return (f"{len(ours)} test{'s' * (len(ours) != 1)} skipped for missing test assets: {'; '.join(parts)}; "
-            "with internet `make test` downloads them")
+    return (
+        f"{len(ours)} test{'s' * (len(ours) != 1)} skipped for missing test assets: {'; '.join(parts)}; "
+        "with internet `make test` downloads them"
+    )
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

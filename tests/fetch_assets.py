@@ -46,8 +46,7 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def fetch(asset: assets.Asset, download: Callable[[Path], None],
-          find: Callable[[], assets.Asset]) -> assets.Asset:
+def fetch(asset: assets.Asset, download: Callable[[Path], None], find: Callable[[], assets.Asset]) -> assets.Asset:
     """The asset as found after downloading it into its target if it was missing; says what it did."""
     if asset.found is not None:
         return asset
@@ -62,8 +61,11 @@ def fetch(asset: assets.Asset, download: Callable[[Path], None],
                 d.rmdir()
             except OSError:
                 pass
-        print(f"{TAG} could not download {asset.what} ({_one_line(e)}): put {asset.where_to_put()}; "
-              "the tests that need it will skip (fail with CI=true)", flush=True)
+        print(
+            f"{TAG} could not download {asset.what} ({_one_line(e)}): put {asset.where_to_put()}; "
+            "the tests that need it will skip (fail with CI=true)",
+            flush=True,
+        )
         return asset
     again = find()
     if again.found is None:
@@ -77,22 +79,30 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
 
-    data = fetch(assets.find_fashion_mnist(args.data_root), download_fashion_mnist,
-                 lambda: assets.find_fashion_mnist(args.data_root))
+    data = fetch(
+        assets.find_fashion_mnist(args.data_root),
+        download_fashion_mnist,
+        lambda: assets.find_fashion_mnist(args.data_root),
+    )
     weights = fetch(assets.find_inception_weights(), download_inception_weights, assets.find_inception_weights)
     if data.found is None or weights.found is None:
         return 0
     stats = assets.find_reference_stats()
     if stats is None:
-        print(f"{TAG} computing FID reference statistics of {assets.STATS_IMAGES} Fashion-MNIST test images "
-              f"into {assets.computed_stats_path()} (once, about a minute on CPU)", flush=True)
+        print(
+            f"{TAG} computing FID reference statistics of {assets.STATS_IMAGES} Fashion-MNIST test images "
+            f"into {assets.computed_stats_path()} (once, about a minute on CPU)",
+            flush=True,
+        )
         try:
             stats = assets.compute_reference_stats(data.found, weights.found)
         except Exception as e:  # the app failed: pytest's FID tests will show how
             print(f"{TAG} {_one_line(e, 400)}; the FID tests will fail", flush=True)
             return 0
-    print(f"{TAG} Fashion-MNIST in {data.found}, FID Inception weights in {weights.found}, "
-          f"reference statistics {stats}", flush=True)
+    print(
+        f"{TAG} Fashion-MNIST in {data.found}, FID Inception weights in {weights.found}, reference statistics {stats}",
+        flush=True,
+    )
     return 0
 
 

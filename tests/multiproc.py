@@ -34,7 +34,10 @@ def free_port() -> int:
 def rank_main(rank: int, world: int, port: int, out_dir: str, body: Body, timeout_s: float) -> None:
     """One rank: environment, process group (init timeout `timeout_s`), `body(ctx)`, cleanup, rank{rank}.json."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
@@ -49,12 +52,16 @@ def rank_main(rank: int, world: int, port: int, out_dir: str, body: Body, timeou
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def spawn_ranks(world: int, body: Body, out_dir: Path, timeout_s: float, init_timeout_s: float = 30,
-                label: str = "") -> list[dict]:
+def spawn_ranks(
+    world: int, body: Body, out_dir: Path, timeout_s: float, init_timeout_s: float = 30, label: str = ""
+) -> list[dict]:
     """Spawn `world` ranks running `body`, wait at most `timeout_s`, and return every rank's result (rank order),
     failing the test if a rank did not finish or raised."""
     ctx = mp.start_processes(
-        rank_main, args=(world, free_port(), str(out_dir), body, init_timeout_s), nprocs=world, join=False,
+        rank_main,
+        args=(world, free_port(), str(out_dir), body, init_timeout_s),
+        nprocs=world,
+        join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s

@@ -39,11 +39,20 @@ def run_sites(commands: list[list[str]], cwd: Path, timeout_s: float, repo_root:
     procs, logs = [], []
     start = time.monotonic()
     for r, args in enumerate(commands):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(len(commands)), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
+        env.update(
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE=str(len(commands)),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         # Files, not pipes: a rank blocked on a full pipe while the other waits in a collective would hang both.
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         logs.append((out, err))

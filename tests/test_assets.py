@@ -21,8 +21,12 @@ import fetch_assets
 import numpy as np
 import pytest
 
-FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                "t10k-labels-idx1-ubyte")
+FMNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 WEIGHTS = "hub/checkpoints/pt_inception-2015-12-05-6726825d.pth"
 
 
@@ -139,9 +143,9 @@ def test_reference_stats_prefer_the_full_test_set(outside: Path, monkeypatch: py
 
 
 @pytest.mark.slow
-def test_computed_reference_stats_come_from_the_app_and_are_cached(fmnist_root: Path, torch_home: Path,
-                                                                  tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_computed_reference_stats_come_from_the_app_and_are_cached(
+    fmnist_root: Path, torch_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FEDRUN_CACHE", str(tmp_path))
     monkeypatch.setattr(assets, "STATS_IMAGES", 3)  # the real fallback uses 200; the pipeline is the same
     out = assets.compute_reference_stats(fmnist_root, torch_home)
@@ -153,7 +157,7 @@ def test_computed_reference_stats_come_from_the_app_and_are_cached(fmnist_root: 
 
 # -- a fresh clone's pytest run: passes, or skips with one summary line, or fails with CI=true ----------
 
-PROBE = '''
+PROBE = """
 def test_data(fmnist_root):
     assert (fmnist_root / "FashionMNIST" / "raw").is_dir()
 
@@ -162,7 +166,7 @@ def test_data_again(fmnist_root):
 
 def test_weights(torch_home):
     assert (torch_home / "hub" / "checkpoints").is_dir()
-'''
+"""
 
 
 def _probe_run(root: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -171,11 +175,19 @@ def _probe_run(root: Path, env: dict[str, str], *args: str) -> subprocess.Comple
     (clone / "tests").mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(assets.__file__), clone / "tests" / "conftest.py")
     (clone / "tests" / "test_probe.py").write_text(PROBE)
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "FEDRUN_CACHE", "CI", "FEDRUN_SHARED")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "tests"],
-                          cwd=clone, env={**base, "HOME": str(root / "home"), **env}, capture_output=True,
-                          text=True, timeout=120)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FEDRUN_DATA", "TORCH_HOME", "XDG_CACHE_HOME", "FEDRUN_CACHE", "CI", "FEDRUN_SHARED")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, "tests"],
+        cwd=clone,
+        env={**base, "HOME": str(root / "home"), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_fresh_clone_with_fedrun_data_and_torch_home_runs_everything(tmp_path: Path) -> None:
@@ -191,8 +203,10 @@ def test_fresh_clone_without_assets_prints_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, p.stdout
     cache = tmp_path / "home" / ".cache"
     assert "3 tests skipped for missing test assets: Fashion-MNIST (2 tests): put FashionMNIST/raw/" in lines[0]
-    assert f"into {cache / 'fedrun' / 'data'}; FID Inception weights (1 test): put {WEIGHTS} into " \
-           f"{cache / 'torch'}; with internet `make test` downloads them" in lines[0]
+    assert (
+        f"into {cache / 'fedrun' / 'data'}; FID Inception weights (1 test): put {WEIGHTS} into "
+        f"{cache / 'torch'}; with internet `make test` downloads them" in lines[0]
+    )
 
 
 def test_fresh_clone_without_assets_fails_with_ci(tmp_path: Path) -> None:
@@ -211,13 +225,15 @@ def timeout_restored():
     socket.setdefaulttimeout(before)
 
 
-def test_fetch_offline_says_what_to_put_where_and_continues(outside: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str],
-                                                            timeout_restored: None) -> None:
+def test_fetch_offline_says_what_to_put_where_and_continues(
+    outside: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], timeout_restored: None
+) -> None:
     def no_internet(root: Path) -> None:
         (root / "FashionMNIST" / "raw").mkdir(parents=True)  # as torchvision does before it fails
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\n"
-                           "<urlopen error [Errno -2] Name or service not known>")
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\n"
+            "<urlopen error [Errno -2] Name or service not known>"
+        )
 
     def no_weights(_home: Path) -> None:
         raise urllib.error.URLError("[Errno -2] Name or service not known")
@@ -240,8 +256,9 @@ def test_fetch_offline_says_what_to_put_where_and_continues(outside: Path, monke
     assert socket.getdefaulttimeout() == fetch_assets.DOWNLOAD_TIMEOUT_S
 
 
-def test_fetch_downloads_into_the_apps_locations(outside: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str], timeout_restored: None) -> None:
+def test_fetch_downloads_into_the_apps_locations(
+    outside: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], timeout_restored: None
+) -> None:
     monkeypatch.setenv("FEDRUN_DATA", str(outside / "data"))
     monkeypatch.setattr(fetch_assets, "download_fashion_mnist", fake_fmnist)
     monkeypatch.setattr(fetch_assets, "download_inception_weights", fake_weights)
@@ -250,11 +267,15 @@ def test_fetch_downloads_into_the_apps_locations(outside: Path, monkeypatch: pyt
     assert fetch_assets.main([]) == 0
     out = capsys.readouterr().out.splitlines()
     torch_cache = outside / "home" / ".cache" / "torch"
-    assert out[:2] == [f"test assets: downloading Fashion-MNIST into {outside / 'data'} (the tests need it; once)",
-                       f"test assets: downloading FID Inception weights into {torch_cache} (the tests need it; once)"]
+    assert out[:2] == [
+        f"test assets: downloading Fashion-MNIST into {outside / 'data'} (the tests need it; once)",
+        f"test assets: downloading FID Inception weights into {torch_cache} (the tests need it; once)",
+    ]
     assert out[2].startswith("test assets: computing FID reference statistics of 200 Fashion-MNIST test images")
-    assert out[3] == (f"test assets: Fashion-MNIST in {outside / 'data'}, FID Inception weights in {torch_cache}, "
-                      f"reference statistics {stats}")
+    assert out[3] == (
+        f"test assets: Fashion-MNIST in {outside / 'data'}, FID Inception weights in {torch_cache}, "
+        f"reference statistics {stats}"
+    )
     # Everything present: nothing downloaded, one line.
     monkeypatch.setattr(assets, "find_reference_stats", lambda: stats)
     assert fetch_assets.main([]) == 0

@@ -33,8 +33,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def fedrun(*args: str, cwd: Path = REPO, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedrun", *args], cwd=cwd, env=_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedrun", *args],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_error_line(p: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -122,8 +128,9 @@ def test_corrupt_image_names_the_file(tmp_path: Path):
     template = _image_folders(tmp_path / "images")
     bad = tmp_path / "images" / "client1" / "broken.png"
     bad.write_bytes(b"not a png")
-    p = fedrun("train", *TINY, "--dataset", "imagefolder", "--client-data", template,
-               "--out-dir", str(tmp_path / "runs"))
+    p = fedrun(
+        "train", *TINY, "--dataset", "imagefolder", "--client-data", template, "--out-dir", str(tmp_path / "runs")
+    )
     one_error_line(p, 2, f"cannot read image {bad}", "replace or remove it")
     assert not (tmp_path / "runs").exists(), "a failed start leaves no run directory"
 
@@ -133,30 +140,69 @@ def test_truncated_image_names_the_file(tmp_path: Path):
     good = (tmp_path / "images" / "client0" / "0.png").read_bytes()
     bad = tmp_path / "images" / "client0" / "half.png"
     bad.write_bytes(good[: len(good) // 2])
-    p = fedrun("train", *TINY, "--dataset", "imagefolder", "--client-data", template,
-               "--out-dir", str(tmp_path / "runs"))
+    p = fedrun(
+        "train", *TINY, "--dataset", "imagefolder", "--client-data", template, "--out-dir", str(tmp_path / "runs")
+    )
     one_error_line(p, 2, f"cannot read image {bad}")
 
 
 def test_more_clients_than_images(tmp_path: Path, fmnist_root: Path):
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "3", "--clients", "5",
-               "--out-dir", str(tmp_path))
+    p = fedrun(
+        "train", *TINY, "--data-root", str(fmnist_root), "--subset", "3", "--clients", "5", "--out-dir", str(tmp_path)
+    )
     one_error_line(p, 2, "federation.clients=5", "data.subset=3", "more clients than the 3 examples")
     assert sorted(tmp_path.iterdir()) == []
 
 
 def test_impossible_quantity_skew_says_so_before_1000_draws(tmp_path: Path, fmnist_root: Path):
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "100", "--clients", "5",
-               "--partition", "quantity-skew", "--beta", "0.01", "--set", "data.min_per_client=15",
-               "--out-dir", str(tmp_path))
-    one_error_line(p, 2, "data.partition=quantity-skew", "data.beta=0.01", "data.min_per_client=15",
-                   "in 100 draws", "practically impossible", "raise beta")
+    p = fedrun(
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--subset",
+        "100",
+        "--clients",
+        "5",
+        "--partition",
+        "quantity-skew",
+        "--beta",
+        "0.01",
+        "--set",
+        "data.min_per_client=15",
+        "--out-dir",
+        str(tmp_path),
+    )
+    one_error_line(
+        p,
+        2,
+        "data.partition=quantity-skew",
+        "data.beta=0.01",
+        "data.min_per_client=15",
+        "in 100 draws",
+        "practically impossible",
+        "raise beta",
+    )
     assert sorted(tmp_path.iterdir()) == []
 
 
 def test_impossible_label_skew_says_so_before_any_draw(tmp_path: Path, fmnist_root: Path):
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--subset", "100", "--clients", "5",
-               "--partition", "label-skew", "--set", "data.min_per_client=30", "--out-dir", str(tmp_path))
+    p = fedrun(
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--subset",
+        "100",
+        "--clients",
+        "5",
+        "--partition",
+        "label-skew",
+        "--set",
+        "data.min_per_client=30",
+        "--out-dir",
+        str(tmp_path),
+    )
     one_error_line(p, 2, "data.partition=label-skew", "5 clients x 30 > 100 examples")
 
 
@@ -217,8 +263,17 @@ def test_failed_download_leaves_no_empty_data_folder(tmp_path: Path, monkeypatch
 
 
 def test_device_cuda_without_cuda(tmp_path: Path, fmnist_root: Path):
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--device", "cuda", "--out-dir", str(tmp_path),
-               CUDA_VISIBLE_DEVICES="")  # no GPU visible: what a CPU machine sees
+    p = fedrun(
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--device",
+        "cuda",
+        "--out-dir",
+        str(tmp_path),
+        CUDA_VISIBLE_DEVICES="",
+    )  # no GPU visible: what a CPU machine sees
     one_error_line(p, 2, "device='cuda'", "CUDA is not available", "allowed here: auto, cpu")
     assert sorted(tmp_path.iterdir()) == []
 
@@ -247,15 +302,28 @@ def test_submitting_without_slurm_is_one_line(tmp_path: Path, command: list[str]
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    return dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port))
+    return dict(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def test_fewer_clients_than_ranks_is_refused_before_the_process_group(tmp_path: Path, fmnist_root: Path):
     # Only rank 0 of 2 starts: had the check waited for the process group, it would wait dist_timeout_s (300 s).
     t0 = time.monotonic()
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--clients", "1", "--out-dir", str(tmp_path),
-               "--set", "dist_timeout_s=300", timeout=120, **_rank_env(0, 2, free_port()))
+    p = fedrun(
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--clients",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+        "--set",
+        "dist_timeout_s=300",
+        timeout=120,
+        **_rank_env(0, 2, free_port()),
+    )
     one_error_line(p, 2, "federation.clients=1", "fewer clients than the 2 ranks", "--clients >= 2")
     assert time.monotonic() - t0 < 100
     assert sorted(tmp_path.iterdir()) == []
@@ -263,8 +331,18 @@ def test_fewer_clients_than_ranks_is_refused_before_the_process_group(tmp_path: 
 
 @pytest.mark.multiproc
 def test_a_rank_that_never_joins_is_one_line(tmp_path: Path, fmnist_root: Path):
-    p = fedrun("train", *TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path),
-               "--set", "dist_timeout_s=3", timeout=120, **_rank_env(0, 2, free_port()))
+    p = fedrun(
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--out-dir",
+        str(tmp_path),
+        "--set",
+        "dist_timeout_s=3",
+        timeout=120,
+        **_rank_env(0, 2, free_port()),
+    )
     one_error_line(p, 1, "rank 0: the process group did not form", "1/2 clients joined", "MASTER_PORT")
     assert sorted(tmp_path.iterdir()) == []
 
@@ -272,11 +350,28 @@ def test_a_rank_that_never_joins_is_one_line(tmp_path: Path, fmnist_root: Path):
 def _two_ranks_then(tmp_path: Path, fmnist_root: Path, what: signal.Signals) -> subprocess.CompletedProcess:
     """Start 2 ranks by hand, send ``what`` to rank 1 once rank 0 finished round 1; rank 0's result."""
     port = free_port()
-    args = [sys.executable, "-m", "fedrun", "train", *TINY, "--data-root", str(fmnist_root), "--out-dir",
-            str(tmp_path), "--rounds", "200", "--set", "dist_timeout_s=10"]
+    args = [
+        sys.executable,
+        "-m",
+        "fedrun",
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--out-dir",
+        str(tmp_path),
+        "--rounds",
+        "200",
+        "--set",
+        "dist_timeout_s=10",
+    ]
     logs = [tmp_path / f"rank{r}.err" for r in (0, 1)]
-    procs = [subprocess.Popen(args, cwd=REPO, env=_env(**_rank_env(r, 2, port)), stdout=subprocess.DEVNULL,
-                              stderr=open(logs[r], "w")) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            args, cwd=REPO, env=_env(**_rank_env(r, 2, port)), stdout=subprocess.DEVNULL, stderr=open(logs[r], "w")
+        )
+        for r in (0, 1)
+    ]
     try:
         deadline = time.monotonic() + 240
         while "round 1/200" not in logs[0].read_text():
@@ -303,25 +398,34 @@ def test_a_dead_peer_is_one_line(tmp_path: Path, fmnist_root: Path):
 @pytest.mark.slow
 def test_a_silent_peer_is_one_line_after_the_timeout(tmp_path: Path, fmnist_root: Path):
     p = _two_ranks_then(tmp_path, fmnist_root, signal.SIGSTOP)
-    one_error_line(p, 1, "rank 0: a peer rank stopped answering", "dist_timeout_s",
-                   "resume from the newest checkpoint")
+    one_error_line(p, 1, "rank 0: a peer rank stopped answering", "dist_timeout_s", "resume from the newest checkpoint")
 
 
 @pytest.mark.parametrize(
     ("error", "line"),
     [
-        (lambda t: RuntimeError("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
-                                "by peer [127.0.0.1]:11912. This is typically caused by a remote worker crashing."),
-         "rank 3: lost contact with a peer rank (Connection closed by peer [127.0.0.1]:11912); it probably "
-         "crashed, see its log: start the same command on every rank again to resume from the newest checkpoint"),
-        (lambda t: RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
-                                "10000ms for recv operation to complete"),
-         "rank 3: a peer rank stopped answering (Timed out waiting 10000ms for recv operation to complete; "
-         "dist_timeout_s sets the wait): start the same command on every rank again to resume from the newest "
-         "checkpoint"),
-        (lambda t: t.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 clients joined."),
-         "rank 3: the process group did not form (Timed out after 6 seconds waiting for clients. 1/2 clients "
-         "joined): start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT within dist_timeout_s"),
+        (
+            lambda t: RuntimeError(
+                "[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed "
+                "by peer [127.0.0.1]:11912. This is typically caused by a remote worker crashing."
+            ),
+            "rank 3: lost contact with a peer rank (Connection closed by peer [127.0.0.1]:11912); it probably "
+            "crashed, see its log: start the same command on every rank again to resume from the newest checkpoint",
+        ),
+        (
+            lambda t: RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                "10000ms for recv operation to complete"
+            ),
+            "rank 3: a peer rank stopped answering (Timed out waiting 10000ms for recv operation to complete; "
+            "dist_timeout_s sets the wait): start the same command on every rank again to resume from the newest "
+            "checkpoint",
+        ),
+        (
+            lambda t: t.DistStoreError("Timed out after 6 seconds waiting for clients. 1/2 clients joined."),
+            "rank 3: the process group did not form (Timed out after 6 seconds waiting for clients. 1/2 clients "
+            "joined): start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT within dist_timeout_s",
+        ),
         (lambda t: RuntimeError("[gloo/allreduce.cc:40] sizes of the input tensors differ"), None),  # a bug
         (lambda t: ValueError("a bug of ours"), None),
     ],

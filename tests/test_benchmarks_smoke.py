@@ -24,10 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run_bench(module: str, tmp_path: Path, *args: str) -> dict:
     out = tmp_path / f"{module}.json"
     # One thread: spinning OpenMP threads on a busy 2-core machine (CI, parallel tests) crawl.
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--device", "cpu", "--json", str(out),
-           *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--device", "cpu", "--json", str(out), *args]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     assert "PASS" in p.stdout or "FAIL" in p.stdout, p.stdout  # one line per target
@@ -57,8 +55,7 @@ def test_bench_step(tmp_path):
 @pytest.mark.multiproc
 def test_bench_sync(tmp_path):
     doc = run_bench("bench_sync", tmp_path)
-    assert set(doc["ratios"]) == {f"{m}/{d}" for m in ("full", "usplit", "ulatdec", "udec")
-                                  for d in ("fp32", "bf16")}
+    assert set(doc["ratios"]) == {f"{m}/{d}" for m in ("full", "usplit", "ulatdec", "udec") for d in ("fp32", "bf16")}
     assert doc["config"]["backend"] == "gloo" and doc["config"]["world_size"] == 2
     for r in doc["results"]:
         assert r["bytes"] == r["flat_bytes"] > 0

@@ -73,7 +73,8 @@ def test_stray_folders_are_reported_never_read_or_pruned(tmp_path):
     assert ckpt.find_resumable(tmp_path, warn=warnings.append)[0] == 1
     assert sorted(w.split("/")[-1] for w in warnings) == [
         "round-000004.bak is not a round checkpoint (round-NNNNNN): ignored",
-        "round-xyz is not a round checkpoint (round-NNNNNN): ignored"]
+        "round-xyz is not a round checkpoint (round-NNNNNN): ignored",
+    ]
     for r in (2, 3):
         _write_round(tmp_path, r, keep=1)
     assert stray.is_dir() and sorted(ckpt.round_dirs(tmp_path)) == [3]
@@ -125,8 +126,11 @@ def test_rewriting_a_round_unseals_it_until_its_new_manifest(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt, "atomic_save", crash_on_client_1)
     with pytest.raises(OSError):
-        ckpt.write_part(rdir, 0, {"shared.pt": {"round": 1}, "client-0000.pt": {"w": torch.ones(3)},
-                                  "client-0001.pt": {"w": torch.ones(3)}})
+        ckpt.write_part(
+            rdir,
+            0,
+            {"shared.pt": {"round": 1}, "client-0000.pt": {"w": torch.ones(3)}, "client-0001.pt": {"w": torch.ones(3)}},
+        )
     assert not ckpt.manifest_file(rdir, 0).exists()  # the half-rewritten part no longer looks complete
     assert ckpt.find_resumable(tmp_path, warn=lambda m: None) is None
 

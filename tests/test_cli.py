@@ -32,11 +32,14 @@ def test_building_the_parser_imports_nothing_heavy():
     assert not any(loaded.values()), loaded
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["config"], ["info"], ["partition"], ["submit"], ["sweep"],
-                                  ["eval"], ["fid"], ["report"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["train"], ["config"], ["info"], ["partition"], ["submit"], ["sweep"], ["eval"], ["fid"], ["report"]]
+)
 def test_help_of_every_command_imports_no_torch(argv):
-    code = ("from fedrun.cli import main\ntry:\n    main(" + repr([*argv, "--help"]) + ")\n"
-            "except SystemExit as e:\n    assert e.code == 0, e.code")
+    code = (
+        "from fedrun.cli import main\ntry:\n    main(" + repr([*argv, "--help"]) + ")\n"
+        "except SystemExit as e:\n    assert e.code == 0, e.code"
+    )
     loaded = _loaded_after(code)
     assert not loaded["torch"], f"fedrun {' '.join(argv)} --help imported torch"
 
@@ -63,12 +66,15 @@ def test_help_lists_the_allowed_values(capsys):
     assert listed("sets data.dataset: ", DATASETS) and listed("(default: quickstart): ", PRESETS)
 
 
-@pytest.mark.parametrize("field, hint", [
-    ("optim.lrr", "did you mean optim.lr?"),
-    ("federaton.method", "did you mean federation.method?"),
-    ("ema", "did you mean optim.ema_decay?"),
-    ("rounds", "did you mean federation.rounds?"),
-])
+@pytest.mark.parametrize(
+    "field, hint",
+    [
+        ("optim.lrr", "did you mean optim.lr?"),
+        ("federaton.method", "did you mean federation.method?"),
+        ("ema", "did you mean optim.ema_decay?"),
+        ("rounds", "did you mean federation.rounds?"),
+    ],
+)
 def test_unknown_set_field_is_one_line_with_the_nearest_fields(field, hint, capsys):
     assert main(["config", "--set", f"{field}=1"]) == 2
     err = capsys.readouterr().err
@@ -91,8 +97,9 @@ def test_train_entry_passes_the_fid_scorer_only_when_asked(fid_every, monkeypatc
     import fedrun.train
 
     calls = []
-    monkeypatch.setattr(fedrun.train, "train", lambda cfg, scorer_factory=None: calls.append(scorer_factory)
-                        or tmp_path)
+    monkeypatch.setattr(
+        fedrun.train, "train", lambda cfg, scorer_factory=None: calls.append(scorer_factory) or tmp_path
+    )
     cfg = get_preset("tiny")
     cfg.fid_every = fid_every
     assert train_entry(cfg) == tmp_path

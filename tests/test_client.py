@@ -34,8 +34,15 @@ def test_placement_config_is_checked_and_may_change_on_resume():
 
 
 def _trainer(batch_size: int) -> LocalTrainer:
-    step = StepConfig(lr=1e-3, batch_size=batch_size, local_epochs=1, max_local_steps=None, keep_opt_state=False,
-                      amp_dtype=None, seed=11)
+    step = StepConfig(
+        lr=1e-3,
+        batch_size=batch_size,
+        local_epochs=1,
+        max_local_steps=None,
+        keep_opt_state=False,
+        amp_dtype=None,
+        seed=11,
+    )
     return LocalTrainer(nn.Linear(2, 2), GaussianDiffusion(timesteps=10), step, torch.device("cpu"))
 
 

@@ -20,10 +20,17 @@ R = 15
 
 # Table 1, N x 10^6
 TABLE1 = {
-    ("full", 2): 179.78, ("full", 5): 449.45, ("full", 10): 898.89,
-    ("usplit", 2): 134.83, ("usplit", 10): 674.17,
-    ("ulatdec", 2): 105.50, ("ulatdec", 5): 263.75, ("ulatdec", 10): 527.51,
-    ("udec", 2): 47.54, ("udec", 5): 118.85, ("udec", 10): 237.69,
+    ("full", 2): 179.78,
+    ("full", 5): 449.45,
+    ("full", 10): 898.89,
+    ("usplit", 2): 134.83,
+    ("usplit", 10): 674.17,
+    ("ulatdec", 2): 105.50,
+    ("ulatdec", 5): 263.75,
+    ("ulatdec", 10): 527.51,
+    ("udec", 2): 47.54,
+    ("udec", 5): 118.85,
+    ("udec", 10): 237.69,
 }
 
 
@@ -95,13 +102,29 @@ def test_comm_log_writes_one_line_per_round(tmp_path):
     path = tmp_path / "run" / "comm.jsonl"
     sizes = {"encoder": 10, "bottleneck": 5, "decoder": 3}
     log = CommLog(path)
-    r1 = log.append(1, paper_params=paper_round_count(plan_round("udec", 1, 2, 0), sizes, first_round=True),
-                    bytes_moved=16, sync_seconds=0.5)
+    r1 = log.append(
+        1,
+        paper_params=paper_round_count(plan_round("udec", 1, 2, 0), sizes, first_round=True),
+        bytes_moved=16,
+        sync_seconds=0.5,
+    )
     r2 = log.append(2, paper_params=12, bytes_moved=16, sync_seconds=0.25)
-    assert r1 == {"round": 1, "paper_params": 42, "paper_params_cum": 42, "bytes": 16, "bytes_cum": 16,
-                  "sync_seconds": 0.5}
-    assert r2 == {"round": 2, "paper_params": 12, "paper_params_cum": 54, "bytes": 16, "bytes_cum": 32,
-                  "sync_seconds": 0.25}
+    assert r1 == {
+        "round": 1,
+        "paper_params": 42,
+        "paper_params_cum": 42,
+        "bytes": 16,
+        "bytes_cum": 16,
+        "sync_seconds": 0.5,
+    }
+    assert r2 == {
+        "round": 2,
+        "paper_params": 12,
+        "paper_params_cum": 54,
+        "bytes": 16,
+        "bytes_cum": 32,
+        "sync_seconds": 0.25,
+    }
     # what the paper counts for a later round of UDec: 2 clients x (3 down + 3 up)
     udec3 = paper_round_count(plan_round("udec", 3, 2, 0), sizes, first_round=False)
     assert log.append(3, paper_params=udec3, bytes_moved=0)["paper_params"] == 12

@@ -17,9 +17,17 @@ def test_presets_roundtrip_through_json(name):
 def test_paper_preset_is_the_papers_setup():
     cfg = get_preset("paper-fmnist")
     assert (cfg.optim.batch_size, cfg.optim.lr, cfg.federation.local_epochs, cfg.federation.rounds) == (
-        128, 1e-4, 5, 15)
+        128,
+        1e-4,
+        5,
+        15,
+    )
     assert (cfg.diffusion.loss, cfg.diffusion.timesteps, cfg.data.beta, cfg.federation.seed) == (
-        "huber", 1000, 0.5, 2023)
+        "huber",
+        1000,
+        0.5,
+        2023,
+    )
     assert cfg.optim.keep_state is False  # a fresh Adam every round, as the paper's code
 
 
@@ -47,16 +55,31 @@ def test_unknown_field_suggests_the_right_one():
 
 
 def test_overrides_parse_types_and_none():
-    cfg = apply_overrides(RunConfig(), {"model.dim_mults": "1,2", "data.subset": "none",
-                                        "optim.keep_state": "true", "federation.local_epochs": "0.5"})
+    cfg = apply_overrides(
+        RunConfig(),
+        {"model.dim_mults": "1,2", "data.subset": "none", "optim.keep_state": "true", "federation.local_epochs": "0.5"},
+    )
     assert cfg.model.dim_mults == (1, 2) and cfg.data.subset is None
     assert cfg.optim.keep_state is True and cfg.federation.local_epochs == 0.5
 
 
 def test_cli_flags_and_set_and_argv_roundtrip(tmp_path):
     p = build_parser()
-    args = p.parse_args(["train", "--preset", "tiny", "--method", "udec", "--clients", "3",
-                         "--set", "optim.ema_decay=0.99", "--data-root", str(tmp_path)])
+    args = p.parse_args(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--method",
+            "udec",
+            "--clients",
+            "3",
+            "--set",
+            "optim.ema_decay=0.99",
+            "--data-root",
+            str(tmp_path),
+        ]
+    )
     cfg = config_from_args(args)
     assert (cfg.federation.method, cfg.federation.clients, cfg.optim.ema_decay) == ("udec", 3, 0.99)
     assert cfg.data.root == str(tmp_path)

@@ -26,8 +26,10 @@ def _config(fmnist_root, out_dir, name, **overrides):
     from fedrun.config import apply_overrides
     from fedrun.presets import get_preset
 
-    return apply_overrides(get_preset("tiny"), {"federation.seed": 7, "data.root": str(fmnist_root),
-                                                "out_dir": str(out_dir), "name": name, **overrides})
+    return apply_overrides(
+        get_preset("tiny"),
+        {"federation.seed": 7, "data.root": str(fmnist_root), "out_dir": str(out_dir), "name": name, **overrides},
+    )
 
 
 def _train(fmnist_root, out_dir, name, **overrides) -> Path:
@@ -185,10 +187,13 @@ def _poison(monkeypatch, in_round: int, what: str) -> None:
     monkeypatch.setattr(LocalTrainer, "train_round", train_round)
 
 
-@pytest.mark.parametrize("what, says", [("loss", "client 1's mean local loss is nan"),
-                                        ("params", "client(s) [0, 1] hold non-finite parameters")])
-def test_divergence_stops_without_done_and_keeps_the_last_good_checkpoint(fmnist_root, tmp_path, monkeypatch,
-                                                                          what, says):
+@pytest.mark.parametrize(
+    "what, says",
+    [("loss", "client 1's mean local loss is nan"), ("params", "client(s) [0, 1] hold non-finite parameters")],
+)
+def test_divergence_stops_without_done_and_keeps_the_last_good_checkpoint(
+    fmnist_root, tmp_path, monkeypatch, what, says
+):
     from fedrun.loop import DivergedError
 
     _poison(monkeypatch, 2, what)
@@ -200,18 +205,38 @@ def test_divergence_stops_without_done_and_keeps_the_last_good_checkpoint(fmnist
     assert not (run / "DONE").exists()
     assert (run / "checkpoints" / "latest").read_text() == "round-000001"
     assert not (run / "checkpoints" / "round-000002").exists()
-    assert all(torch.isfinite(t).all() for t in
-               torch.load(run / "checkpoints" / "round-000001" / "client-0001.pt", weights_only=True)
-               ["params"].values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in torch.load(run / "checkpoints" / "round-000001" / "client-0001.pt", weights_only=True)[
+            "params"
+        ].values()
+    )
 
 
 def test_lr_inf_fails_with_one_line_and_the_corrected_retry_starts_anew(repo_root, fmnist_root, tmp_path):
     from test_train_e2e import _env
 
-    base = [sys.executable, "-m", "fedrun", "train", "--preset", "tiny", "--seed", "7", "--data-root",
-            str(fmnist_root), "--out-dir", str(tmp_path), "--name", "inf", "--rounds", "1"]
-    p = subprocess.run([*base, "--lr", "inf"], cwd=repo_root, env=_env(repo_root), capture_output=True,
-                       text=True, timeout=400)
+    base = [
+        sys.executable,
+        "-m",
+        "fedrun",
+        "train",
+        "--preset",
+        "tiny",
+        "--seed",
+        "7",
+        "--data-root",
+        str(fmnist_root),
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "inf",
+        "--rounds",
+        "1",
+    ]
+    p = subprocess.run(
+        [*base, "--lr", "inf"], cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=400
+    )
     assert p.returncode == 1, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "fedrun: error: training diverged in round 1" in p.stderr
     assert not (tmp_path / "inf" / "DONE").exists()

@@ -79,9 +79,7 @@ def test_client_data_checks_its_tensors() -> None:
     with pytest.raises(ValueError, match="uint8"):
         ClientData(images=torch.zeros(2, 1, 4, 4), labels=torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"int64 \[2\]"):
-        ClientData(
-            images=torch.zeros(2, 1, 4, 4, dtype=torch.uint8), labels=torch.zeros(3, dtype=torch.int64)
-        )
+        ClientData(images=torch.zeros(2, 1, 4, 4, dtype=torch.uint8), labels=torch.zeros(3, dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,9 +216,7 @@ def test_missing_fashion_mnist(tmp_path: Path) -> None:
 def test_missing_partial_fashion_mnist_names_what_is_missing(tmp_path: Path, fmnist_root: Path) -> None:
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    (raw / "train-labels-idx1-ubyte").symlink_to(
-        fmnist_root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
-    )
+    (raw / "train-labels-idx1-ubyte").symlink_to(fmnist_root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte")
     with pytest.raises(DataNotFoundError) as e:
         load_dataset("fashion-mnist", tmp_path)
     missing = str(e.value).split("(missing: ")[1].split(")")[0]
@@ -231,16 +227,12 @@ def test_failed_download_is_one_line(tmp_path: Path, monkeypatch) -> None:
     import torchvision.datasets as tvd
 
     def offline(self) -> None:  # what torchvision raises without internet, several lines long
-        raise RuntimeError(
-            "Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\nno network\n"
-        )
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://x/, got:\nno network\n")
 
     monkeypatch.setattr(tvd.FashionMNIST, "download", offline)
     with pytest.raises(DataNotFoundError) as e:
         load_dataset("fashion-mnist", tmp_path, download=True)
-    msg = _check_one_line(
-        e, "the download failed (Error downloading", "no network", "train-labels-idx1-ubyte"
-    )
+    msg = _check_one_line(e, "the download failed (Error downloading", "no network", "train-labels-idx1-ubyte")
     assert "pass --download" not in msg
 
 
@@ -292,9 +284,7 @@ def test_celeba_centre_crop_and_resize(tmp_path: Path, monkeypatch) -> None:
         _png(base / "img_align_celeba" / name, img)
     split = [0, 0, 0, 2, 2]  # three train images, two test images
     male = [1, -1, 1, 1, -1]
-    (base / "list_eval_partition.txt").write_text(
-        "".join(f"{n} {s}\n" for n, s in zip(names, split, strict=True))
-    )
+    (base / "list_eval_partition.txt").write_text("".join(f"{n} {s}\n" for n, s in zip(names, split, strict=True)))
     (base / "identity_CelebA.txt").write_text("".join(f"{n} 1\n" for n in names))
     (base / "list_attr_celeba.txt").write_text(
         "5\nSmiling Male \n" + "".join(f"{n} -1 {m}\n" for n, m in zip(names, male, strict=True))

@@ -312,6 +312,5 @@ def test_clip_x0_sampler_by_hand_and_equal_to_eq11_inside_the_range() -> None:
     c = torch.tensor([0.25, -0.6, 0.9]).view(1, 3, 1, 1).double()
     d = GaussianDiffusion(timesteps=50)
     a = d.p_sample_loop(_oracle(d, c), (4, 3, 2, 2), "cpu", generator=torch.Generator().manual_seed(1))
-    b = d.p_sample_loop(_oracle(d, c), (4, 3, 2, 2), "cpu", generator=torch.Generator().manual_seed(1),
-                        clip_x0=True)
+    b = d.p_sample_loop(_oracle(d, c), (4, 3, 2, 2), "cpu", generator=torch.Generator().manual_seed(1), clip_x0=True)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -136,17 +136,25 @@ def _methods_scenario(ctx: fdist.DistContext) -> list[dict]:
                 err = _max_err(plan, NAMED, pre, sizes, live, hosted)
                 local_ok = all(
                     torch.equal(live[c][n].detach(), pre[c][n])
-                    for c in hosted for g in plan.local_groups() for n in NAMED[g]
+                    for c in hosted
+                    for g in plan.local_groups()
+                    for n in NAMED[g]
                 )
-                cases.append({
-                    "case": tag, "k": k, "shared": list(plan.shared_groups()),
-                    "local": list(plan.local_groups()),
-                    "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
-                    "max_err": err, "local_ok": local_ok, "bytes": stats.bytes,
-                    "collectives": stats.collectives,
-                    "expected_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
-                    "buffer_id": avg.packed_layout.buffer.data_ptr(),
-                })
+                cases.append(
+                    {
+                        "case": tag,
+                        "k": k,
+                        "shared": list(plan.shared_groups()),
+                        "local": list(plan.local_groups()),
+                        "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                        "max_err": err,
+                        "local_ok": local_ok,
+                        "bytes": stats.bytes,
+                        "collectives": stats.collectives,
+                        "expected_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
+                        "buffer_id": avg.packed_layout.buffer.data_ptr(),
+                    }
+                )
     return cases
 
 
@@ -173,12 +181,16 @@ def _bf16_scenario(ctx: fdist.DistContext) -> list[dict]:
             stats = avg.sync(plan, live)
             err = _max_err(plan, NAMED, pre, sizes, live, hosted)
             glob = {n: t.clone() for n, t in live[hosted[0]].items()}
-            cases.append({
-                "case": tag, "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
-                "max_err": err, "bytes": stats.bytes,
-                "fp32_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
-                "bf16_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "bf16"),
-            })
+            cases.append(
+                {
+                    "case": tag,
+                    "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                    "max_err": err,
+                    "bytes": stats.bytes,
+                    "fp32_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "fp32"),
+                    "bf16_bytes": collective_bytes_per_round(plan, NAMED_SIZES, "bf16"),
+                }
+            )
     return cases
 
 
@@ -210,11 +222,14 @@ def _buckets_scenario(ctx: fdist.DistContext) -> list[dict]:
                             for n, t in live[c].items():
                                 t.copy_(pre[c][n])
                         stats = avg.sync(plan, live)
-                        runs.append({
-                            "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
-                            "bytes": stats.bytes, "collectives": stats.collectives,
-                            "buckets": len(avg.packed_layout.buckets),
-                        })
+                        runs.append(
+                            {
+                                "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                                "bytes": stats.bytes,
+                                "collectives": stats.collectives,
+                                "buckets": len(avg.packed_layout.buckets),
+                            }
+                        )
                     glob = True
                     cases.append({"case": tag, "k": k, "runs": runs})
     return cases
@@ -231,8 +246,11 @@ class _Net(torch.nn.Module):
         self.to(memory_format=torch.channels_last)
 
 
-NET_GROUPS = {"encoder": ["enc.weight", "enc.bias"], "bottleneck": ["mid.weight"],
-              "decoder": ["dec.weight", "dec.bias"]}
+NET_GROUPS = {
+    "encoder": ["enc.weight", "enc.bias"],
+    "bottleneck": ["mid.weight"],
+    "decoder": ["dec.weight", "dec.bias"],
+}
 
 
 def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
@@ -269,16 +287,18 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                 plan = plan_round(method, r, k, SEED)
                 a = adopted.sync(plan, {rank: mine})
                 b = packed.sync(plan, {rank: copy})
-                cases.append({
-                    "case": f"{dtype}-{method}-{r}-{given_ref}",
-                    "in_place": {n: _sha(t) for n, t in mine.items()},
-                    "packed": {n: _sha(t) for n, t in copy.items()},
-                    "module_is_client": all(torch.equal(p, mine[n]) for n, p in net.named_parameters()),
-                    "ptrs_kept": {n: t.data_ptr() for n, t in mine.items()} == ptrs,
-                    "channels_last": net.enc.weight.is_contiguous(memory_format=torch.channels_last),
-                    "stats": [a.bytes, a.collectives, b.bytes, b.collectives],
-                    "buffer_made": adopted.packed_layout is not None,
-                })
+                cases.append(
+                    {
+                        "case": f"{dtype}-{method}-{r}-{given_ref}",
+                        "in_place": {n: _sha(t) for n, t in mine.items()},
+                        "packed": {n: _sha(t) for n, t in copy.items()},
+                        "module_is_client": all(torch.equal(p, mine[n]) for n, p in net.named_parameters()),
+                        "ptrs_kept": {n: t.data_ptr() for n, t in mine.items()} == ptrs,
+                        "channels_last": net.enc.weight.is_contiguous(memory_format=torch.channels_last),
+                        "stats": [a.bytes, a.collectives, b.bytes, b.collectives],
+                        "buffer_made": adopted.packed_layout is not None,
+                    }
+                )
     # Mixed: K = W + 1, so rank 0 hosts two clients (packed path) and the others one adopted client each
     # (in place); several buckets. Every rank must issue the same collectives and end with the same average.
     for dtype in ("fp32", "bf16"):
@@ -296,9 +316,14 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                 pre = {}
                 for c in range(k_mixed):
                     g = torch.Generator().manual_seed(zlib.crc32(f"mixed-{dtype}-{method}-{r}-{c}".encode()))
-                    pre[c] = {n: (torch.randn(t.shape, generator=g) if glob is None
-                                  else glob[n] + 1e-3 * torch.randn(t.shape, generator=g))
-                              for n, t in live[hosted[0]].items()}
+                    pre[c] = {
+                        n: (
+                            torch.randn(t.shape, generator=g)
+                            if glob is None
+                            else glob[n] + 1e-3 * torch.randn(t.shape, generator=g)
+                        )
+                        for n, t in live[hosted[0]].items()
+                    }
                 with torch.no_grad():
                     for c in hosted:
                         for n, t in live[c].items():
@@ -309,9 +334,16 @@ def _in_place_scenario(ctx: fdist.DistContext) -> list[dict]:
                 # the next round: small changes from the average (only the shared groups are compared, and
                 # they are the same on every rank)
                 glob = {n: t.clone() for n, t in live[hosted[0]].items()}
-            cases.append({"case": f"mixed-{dtype}-{method}", "errs": errs, "collectives": ncoll,
-                          "in_place": avg.packed_layout is None, "hosted": hosted,
-                          "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted}})
+            cases.append(
+                {
+                    "case": f"mixed-{dtype}-{method}",
+                    "errs": errs,
+                    "collectives": ncoll,
+                    "in_place": avg.packed_layout is None,
+                    "hosted": hosted,
+                    "hashes": {str(c): {n: _sha(t) for n, t in live[c].items()} for c in hosted},
+                }
+            )
     # Ranks that disagree about the weights: every rank raises, after the collective, and says so.
     net = _Net()
     bad = Exchange(NET_GROUPS, sizes if rank == 0 else sizes[::-1])
@@ -393,8 +425,9 @@ def _run_scenarios(scenarios: list[str], ctx: fdist.DistContext) -> dict:
 
 
 def _spawn(world: int, scenarios: list[str], out_dir: Path, timeout_s: float = 75.0) -> list[dict]:
-    results = spawn_ranks(world, partial(_run_scenarios, scenarios), out_dir, timeout_s, init_timeout_s=30,
-                          label=str(scenarios))
+    results = spawn_ranks(
+        world, partial(_run_scenarios, scenarios), out_dir, timeout_s, init_timeout_s=30, label=str(scenarios)
+    )
     for res in results:
         assert res["backend"] == "gloo" and res["world_size"] == world
     return results
@@ -502,8 +535,11 @@ def test_in_place_sync_bit_identical_to_packed(tmp_path):
                 assert c["errs"][0] < 1e-6 and max(c["errs"]) < (5e-5 if bf16 else 1e-6), (tag, c["errs"])
             hashes = {**cases[0]["hashes"], **cases[1]["hashes"]}
             method = tag.split("-")[2]
-            shared = [g for g in ("encoder", "bottleneck", "decoder")
-                      if any(g in s for s in plan_round(method, 3, 3, SEED).assignments)]
+            shared = [
+                g
+                for g in ("encoder", "bottleneck", "decoder")
+                if any(g in s for s in plan_round(method, 3, 3, SEED).assignments)
+            ]
             for g in shared:
                 for n in NET_GROUPS[g]:
                     assert len({h[n] for h in hashes.values()}) == 1, (tag, n)  # identical on every client
@@ -519,8 +555,11 @@ def test_in_place_sync_bit_identical_to_packed(tmp_path):
             assert in_coll == 1 and in_bytes == packed_bytes > 0, tag  # one collective, the same bytes
             assert packed_coll >= 2, tag  # the packed copy went in buckets
             assert not c["buffer_made"], tag  # the in-place path allocates no buffer
-        shared = [g for g in ("encoder", "bottleneck", "decoder")
-                  if any(g in s for s in plan_round(tag.split("-")[1], 1, 2, SEED).assignments)]
+        shared = [
+            g
+            for g in ("encoder", "bottleneck", "decoder")
+            if any(g in s for s in plan_round(tag.split("-")[1], 1, 2, SEED).assignments)
+        ]
         for g in shared:
             for n in NET_GROUPS[g]:
                 assert cases[0]["in_place"][n] == cases[1]["in_place"][n], (tag, n)  # the same on both ranks

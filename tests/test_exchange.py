@@ -272,7 +272,10 @@ def test_buckets_cut_at_parameter_boundaries_weight_slots_last():
     # [enc.weight (6)], [enc.bias (2) + mid.weight (4)], [dec.weight (2) + dec.bias (1) + 3 weight slots]
     assert [(b.lo, b.hi) for b in avg.packed_layout.buckets] == [(0, 6), (6, 12), (12, 18)]
     assert [[p.names for p in b.parts] for b in avg.packed_layout.buckets] == [
-        [("enc.weight",)], [("enc.bias",), ("mid.weight",)], [("dec.weight", "dec.bias")]]
+        [("enc.weight",)],
+        [("enc.bias",), ("mid.weight",)],
+        [("dec.weight", "dec.bias")],
+    ]
     assert avg.packed_layout.ranges == {E: (0, 8), M: (8, 12), U: (12, 15)}
     # The slots, the last group's first, hold the summed normalised weights: 1 each.
     assert avg.packed_layout.buffer[15:].tolist() == [1.0, 1.0, 1.0]

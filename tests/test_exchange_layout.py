@@ -46,8 +46,11 @@ def test_packed_layout_by_hand():
     assert [(b.lo, b.hi) for b in lay.buckets] == [(0, 6), (6, 12), (12, 18)]
     parts = [p for b in lay.buckets for p in b.parts]
     assert [(p.names, p.lo, p.hi, p.glo, p.first, p.stop, p.gfirst) for p in parts] == [
-        (("e.w",), 0, 6, 0, 0, 1, 0), (("e.b",), 6, 8, 6, 1, 2, 1), (("m.w",), 8, 12, 0, 2, 3, 0),
-        (("d.w", "d.b"), 12, 15, 0, 3, 5, 0)]
+        (("e.w",), 0, 6, 0, 0, 1, 0),
+        (("e.b",), 6, 8, 6, 1, 2, 1),
+        (("m.w",), 8, 12, 0, 2, 3, 0),
+        (("d.w", "d.b"), 12, 15, 0, 3, 5, 0),
+    ]
     # every view lies in the buffer where the layout says
     for view, pos in zip(lay.views, (0, 6, 8, 12, 14), strict=True):
         assert view.data_ptr() == lay.buffer.data_ptr() + 4 * pos

@@ -25,16 +25,21 @@ def test_wait_all_waits_for_every_collective_and_raises_the_first_error():
     assert log == ["a", "b"]
     log.clear()
     with pytest.raises(RuntimeError, match="first"):
-        wait_all([Handle(log, "a"), Handle(log, "b", RuntimeError("first")), Handle(log, "c", RuntimeError("2nd")),
-                  Handle(log, "d")])
+        wait_all(
+            [
+                Handle(log, "a"),
+                Handle(log, "b", RuntimeError("first")),
+                Handle(log, "c", RuntimeError("2nd")),
+                Handle(log, "d"),
+            ]
+        )
     assert log == ["a", "b", "c", "d"]  # the later ones may still be writing into the buffer: waited for
 
 
 def test_one_process_fills_every_bucket_and_sends_nothing():
     t = Transport()
     assert t.world_size == 1
-    lay = Layout(("decoder",), {"decoder": ["a", "b"]}, [torch.zeros(4), torch.zeros(2)], None, 16,
-                 torch.device("cpu"))
+    lay = Layout(("decoder",), {"decoder": ["a", "b"]}, [torch.zeros(4), torch.zeros(2)], None, 16, torch.device("cpu"))
     filled = []
     assert t.send(lay.buckets, lambda b: filled.append((b.lo, b.hi))) == []
     assert filled == [(0, 4), (4, 7)]  # in order, the weight slot in the last bucket

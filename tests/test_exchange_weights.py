@@ -51,8 +51,9 @@ def test_rank_share_by_hand():
     shares = data_shares([1, 1, 2])
     r0, r1 = rank_share(USPLIT, shares, {0, 2}), rank_share(USPLIT, shares, [1])
     assert r0.groups == r1.groups == (E, M, U)
-    assert r0.contributors == ((((0, 1.0),), ((0, pytest.approx(1 / 3)), (2, pytest.approx(2 / 3))),
-                                ((2, pytest.approx(2 / 3)),)))
+    assert r0.contributors == (
+        (((0, 1.0),), ((0, pytest.approx(1 / 3)), (2, pytest.approx(2 / 3))), ((2, pytest.approx(2 / 3)),))
+    )
     assert r1.contributors == ((), (), ((1, pytest.approx(1 / 3)),))
     assert r0.slots == pytest.approx((1.0, 1.0, 2 / 3)) and r1.slots == pytest.approx((0.0, 0.0, 1 / 3))
     # The slots of all ranks sum to 1 per group: what check_weight_sums verifies after the all-reduce.
@@ -67,7 +68,9 @@ def test_check_weight_sums_messages():
     check_weight_sums(4, (M, U), (1.0, 0.995), 1e-2, written=False)  # bf16 slots: within 1e-2
     with pytest.raises(RuntimeError) as err:
         check_weight_sums(4, (M, U), (1.0, 0.5), 1e-5, written=False)
-    assert str(err.value) == ("round 4: the FedAvg weights of 'decoder' sum to 0.5 over the ranks, not 1: "
-                              "ranks disagree about the round plan or the hosted clients")
+    assert str(err.value) == (
+        "round 4: the FedAvg weights of 'decoder' sum to 0.5 over the ranks, not 1: "
+        "ranks disagree about the round plan or the hosted clients"
+    )
     with pytest.raises(RuntimeError, match="no longer valid: resume from the last checkpoint"):
         check_weight_sums(4, (U,), (1.5,), 1e-5, written=True)

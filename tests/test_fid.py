@@ -61,8 +61,9 @@ def test_diagonal_covariances_match_the_closed_form():
 
 
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
-@pytest.mark.parametrize("d,n1,n2", [(8, None, None), (64, None, None), (64, 40, 40), (300, 120, 120),
-                                     (300, 120, None), (300, None, 50)])
+@pytest.mark.parametrize(
+    "d,n1,n2", [(8, None, None), (64, None, None), (64, 40, 40), (300, 120, 120), (300, 120, None), (300, None, 50)]
+)
 def test_agrees_with_pytorch_fid(d, n1, n2):
     """Random SPD matrices, including singular sample covariances (fewer points than dimensions, as with
     200 images of 2048-d features) on one side (Cholesky path) or both (eigen-decomposition path)."""
@@ -185,8 +186,9 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     cache = tmp_path / "cache"
     (tmp_path / "a_file").write_text("")  # a cache dir below a file cannot be created: the next one is used
-    mu, sigma = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
-                                         cache_dirs=[tmp_path / "a_file" / "sub", cache]).stats
+    mu, sigma = Ref.reference_statistics(
+        "fashion-mnist:test", data_root=fmnist_root, limit=6, cache_dirs=[tmp_path / "a_file" / "sub", cache]
+    ).stats
     cached = cache / "fashion-mnist_test_n6.npz"
     assert cached.is_file()
     with np.load(cached) as f:
@@ -196,8 +198,9 @@ def test_reference_statistics_cached_for_a_dataset_split(tmp_path, fmnist_root, 
         raise AssertionError("statistics recomputed despite the cache")
 
     monkeypatch.setattr(Ref, "source_statistics", fail)
-    mu2, sigma2 = Ref.reference_statistics("fashion-mnist:test", data_root=fmnist_root, limit=6,
-                                           cache_dirs=[cache]).stats
+    mu2, sigma2 = Ref.reference_statistics(
+        "fashion-mnist:test", data_root=fmnist_root, limit=6, cache_dirs=[cache]
+    ).stats
     np.testing.assert_array_equal(mu, mu2)
     np.testing.assert_array_equal(sigma, sigma2)
 
@@ -248,7 +251,10 @@ def test_fid_200_train_vs_200_test_equals_pytorch_fid(tmp_path, fmnist_root, tor
     stats_train = F.statistics(Inc.inception_features(train))
     stats_test = F.statistics(Inc.inception_features(test))
     ours = F.frechet_distance(*stats_train, *stats_test)
-    theirs = float(calculate_fid_given_paths([str(tmp_path / "train"), str(tmp_path / "test")], batch_size=50,
-                                             device="cpu", dims=2048, num_workers=0))
+    theirs = float(
+        calculate_fid_given_paths(
+            [str(tmp_path / "train"), str(tmp_path / "test")], batch_size=50, device="cpu", dims=2048, num_workers=0
+        )
+    )
     assert ours == pytest.approx(theirs, rel=1e-3)
     assert 20 < ours < 200  # two real samples of 200: well above the 10k-sample value, far below noise

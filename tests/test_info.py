@@ -22,8 +22,11 @@ def test_info_json_matches_the_papers_counts(capsys):
 
 
 def test_info_text_and_bad_value():
-    p = subprocess.run([sys.executable, "-m", "fedrun", "info", "--preset", "paper-fmnist", "--clients", "2"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "fedrun", "info", "--preset", "paper-fmnist", "--clients", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0 and "179.78 x 10^6" in p.stdout and "2,996,315 parameters" in p.stdout
     p = subprocess.run([sys.executable, "-m", "fedrun", "info", "--method", "fedsgd"], capture_output=True, text=True)
     assert p.returncode == 2 and "federation.method='fedsgd'" in p.stderr and "Traceback" not in p.stderr

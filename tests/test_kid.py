@@ -120,8 +120,7 @@ def test_mu_sigma_only_file_gives_fid_and_says_kid_needs_features(tmp_path):
     assert scores.fid == pytest.approx(F.frechet_distance(*F.statistics(samples), *ref.stats), rel=1e-12)
     full = score_features(samples, ref)
     assert full.fid == pytest.approx(scores.fid, rel=1e-12) and full.kid == K.kid(samples, ref.features)
-    assert full.record() == {"fid": full.fid, "kid": full.kid.mean, "kid_std": full.kid.std,
-                             "kid_subset_size": 20}
+    assert full.record() == {"fid": full.fid, "kid": full.kid.mean, "kid_std": full.kid.std, "kid_subset_size": 20}
 
 
 def test_fid_command_prints_kid_then_fid_and_save_stats_keeps_features(tmp_path, capsys, monkeypatch):
@@ -138,7 +137,8 @@ def test_fid_command_prints_kid_then_fid_and_save_stats_keeps_features(tmp_path,
     assert out[0].startswith(f"KID: {expected.mean:.5f} ± {expected.std:.5f} (100 subsets of 25)")
     assert out[-1].startswith("FID:")  # last, as pytorch-fid prints it
     assert float(out[-1].split("FID:")[1]) == pytest.approx(
-        F.frechet_distance(*F.statistics(a), *F.statistics(b)), rel=1e-6)
+        F.frechet_distance(*F.statistics(a), *F.statistics(b)), rel=1e-6
+    )
 
     # --save-stats of a source with features keeps them; --no-features writes mu and sigma only.
     assert fedrun_main(["fid", "--save-stats", str(pa), str(tmp_path / "copy.npz")]) == 0
@@ -174,8 +174,7 @@ def _numpy_kid_all(x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # 400 images through Inception: ~80 s alone on 2 cores, more when shared
-def test_kid_of_200_train_vs_200_test_images_equals_an_independent_numpy_kid(fmnist_root, torch_home,
-                                                                             monkeypatch):
+def test_kid_of_200_train_vs_200_test_images_equals_an_independent_numpy_kid(fmnist_root, torch_home, monkeypatch):
     """Subsets of min(200, 200, 1000) = 200 are all of both sets, and MMD^2 does not depend on their order, so
     every subset gives the full-set value that the independent implementation computes."""
     monkeypatch.setenv("TORCH_HOME", str(torch_home))

@@ -46,7 +46,11 @@ def test_usplit_k5_follows_the_documented_draws():
     # bottleneck -> second (4); odd client 2: bottleneck + ("encoder", "decoder")[1] = decoder.
     plan = plan_round("usplit", 1, 5, seed=2023)
     assert plan.assignments == (
-        frozenset({E, M}), frozenset({E}), frozenset({M, U}), frozenset({U}), frozenset({M, U}),
+        frozenset({E, M}),
+        frozenset({E}),
+        frozenset({M, U}),
+        frozenset({U}),
+        frozenset({M, U}),
     )
     assert plan.broadcast_all and plan.shared_groups() == GROUPS
     assert plan.contributors(M) == [0, 2, 4]

@@ -21,16 +21,31 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.multiproc]
 
 def train_sites(repo_root: Path, args: list[str], out_dirs: list[Path]) -> list[str]:
     """``fedrun train args --out-dir out_dirs[r]`` as rank r, one process per site; their stderr, by rank."""
-    sites = run_sites([["-m", "fedrun", "train", *args, "--out-dir", str(out)] for out in out_dirs], repo_root,
-                      timeout_s=500, repo_root=repo_root)
+    sites = run_sites(
+        [["-m", "fedrun", "train", *args, "--out-dir", str(out)] for out in out_dirs],
+        repo_root,
+        timeout_s=500,
+        repo_root=repo_root,
+    )
     for rank, site in enumerate(sites):
         assert site.rc == 0, f"rank {rank} failed ({site.rc}):\n{site.stderr[-4000:]}"
     return [site.stderr for site in sites]
 
 
 # UDec: every client keeps its own model, so each site ends with its own client's model files.
-ARGS = [*TINY, "--name", "x", "--method", "udec", "--set", "optim.ema_decay=0.9", "--set", "optim.keep_state=true",
-        "--set", "keep_checkpoints=3"]
+ARGS = [
+    *TINY,
+    "--name",
+    "x",
+    "--method",
+    "udec",
+    "--set",
+    "optim.ema_decay=0.9",
+    "--set",
+    "optim.keep_state=true",
+    "--set",
+    "keep_checkpoints=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +65,9 @@ def _site_models(sites: list[Path]) -> dict[str, dict[str, torch.Tensor]]:
     return models
 
 
-def test_a_run_dir_per_rank_checkpoints_resumes_and_matches_a_shared_one(repo_root, fmnist_root, tmp_path,
-                                                                          shared_reference):
+def test_a_run_dir_per_rank_checkpoints_resumes_and_matches_a_shared_one(
+    repo_root, fmnist_root, tmp_path, shared_reference
+):
     sites = [tmp_path / "site0", tmp_path / "site1"]
     args = [*ARGS, "--data-root", str(fmnist_root)]
     train_sites(repo_root, [*args, "--rounds", "2"], sites)
@@ -92,16 +108,18 @@ def _agree_body(ctx, root: str, layouts: dict) -> dict:
     rounds, damaged = layouts[str(ctx.rank)]
     _write_rounds(run_dir, ctx.rank, rounds, damaged)
     warnings: list[str] = []
-    agreed, rdir = agree_round(RunDir(run_dir), [ckpt.client_file(Path(), ctx.rank).name], ctx.is_main,
-                               warnings.append)
+    agreed, rdir = agree_round(RunDir(run_dir), [ckpt.client_file(Path(), ctx.rank).name], ctx.is_main, warnings.append)
     return {"agreed": agreed, "dir": rdir.name if rdir else None, "warnings": warnings}
 
 
-@pytest.mark.parametrize("layouts, agreed", [
-    ({"0": ([1, 2, 3], []), "1": ([1, 2, 3], [3])}, 2),  # rank 1's newest is damaged
-    ({"0": ([1, 3], []), "1": ([1, 2], [])}, 1),  # newest per rank 3 and 2, but rank 0 lacks 2
-    ({"0": ([1, 2], []), "1": ([], [])}, 0),  # nothing in common: a fresh start everywhere
-])
+@pytest.mark.parametrize(
+    "layouts, agreed",
+    [
+        ({"0": ([1, 2, 3], []), "1": ([1, 2, 3], [3])}, 2),  # rank 1's newest is damaged
+        ({"0": ([1, 3], []), "1": ([1, 2], [])}, 1),  # newest per rank 3 and 2, but rank 0 lacks 2
+        ({"0": ([1, 2], []), "1": ([], [])}, 0),  # nothing in common: a fresh start everywhere
+    ],
+)
 def test_ranks_agree_on_the_newest_round_all_have_intact(tmp_path, layouts, agreed):
     """Real gloo ranks, each with its own run directory: the MIN agreement, tensors only."""
     from functools import partial

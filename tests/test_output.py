@@ -116,9 +116,11 @@ def test_config_is_logged_once_even_when_the_first_attempt_died(tmp_path):
     for attempt in (1, 2):  # attempt 1 dies in round 2, before its first checkpoint: a fresh start again
         sink = TensorBoardSink(run, stream=io.StringIO())
         sink.start_rounds(3, 0, 1)
-        sink.config('{"federation": {"clients": 2}}', {"federation.clients": 2, "model.dim_mults": None,
-                                                       "optim.lr": 1e-4, "data.subset": (1, 2)},
-                    metrics=("round/loss",))
+        sink.config(
+            '{"federation": {"clients": 2}}',
+            {"federation.clients": 2, "model.dim_mults": None, "optim.lr": 1e-4, "data.subset": (1, 2)},
+            metrics=("round/loss",),
+        )
         for r in (1, 2) if attempt == 1 else (1, 2, 3):
             sink.scalar("round/loss", float(10 * attempt + r), r)
         sink.close()
@@ -147,8 +149,12 @@ def test_config_goes_to_tensorboards_hparams_of_the_run_itself(tmp_path):
     sink.close()
     files = sorted(tmp_path.glob("events.out.tfevents.*"))
     assert len(files) == 1 and [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no sub-run
-    plugins = {v.metadata.plugin_data.plugin_name for f in files for e in EventFileLoader(str(f)).Load()
-               for v in e.summary.value}
+    plugins = {
+        v.metadata.plugin_data.plugin_name
+        for f in files
+        for e in EventFileLoader(str(f)).Load()
+        for v in e.summary.value
+    }
     assert {"hparams", "text"} <= plugins
 
 

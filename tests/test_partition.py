@@ -148,9 +148,7 @@ def test_bad_input_is_one_clear_line(kwargs: dict, match: str) -> None:
 
 def test_gives_up_after_max_draws() -> None:
     # 10 clients x exactly 10 of 100 examples: Dirichlet(0.01) never draws that.
-    with pytest.raises(
-        ValueError, match=r"could not give each of 10 clients >= 10 of 100 examples in 50 draws"
-    ):
+    with pytest.raises(ValueError, match=r"could not give each of 10 clients >= 10 of 100 examples in 50 draws"):
         partition(np.zeros(100, dtype=int), 10, "quantity-skew", beta=0.01, min_per_client=10, max_draws=50)
 
 

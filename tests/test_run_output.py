@@ -28,8 +28,16 @@ def test_single_process_run_says_what_it_did(fmnist_root, tmp_path, capsys, monk
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     before = torch.get_num_threads()
-    cfg = apply_overrides(get_preset("tiny"), {"federation.seed": 7, "data.root": str(fmnist_root),
-                                               "out_dir": str(tmp_path), "name": "my-run", "federation.rounds": 1})
+    cfg = apply_overrides(
+        get_preset("tiny"),
+        {
+            "federation.seed": 7,
+            "data.root": str(fmnist_root),
+            "out_dir": str(tmp_path),
+            "name": "my-run",
+            "federation.rounds": 1,
+        },
+    )
     run = RunDir(train(cfg))
     train(apply_overrides(cfg, {"federation.rounds": 2}))  # extended: a resume after round 1
     err = capsys.readouterr().err

@@ -54,4 +54,3 @@ def test_atomic_writers_leave_no_temporary_files(tmp_path):
     assert (tmp_path / "a" / "x.bin").read_bytes() == b"22"
     assert json.loads((tmp_path / "a" / "y.json").read_text()) == {"b": 1}
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.bin", "y.json"]
-

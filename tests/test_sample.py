@@ -104,8 +104,9 @@ def test_with_the_real_tiny_unet():
 
     cfg = get_preset("tiny")
     c, s = image_shape(cfg)
-    x = S.sample_images(build_model(cfg), build_diffusion(cfg), 3, (c, s, s), sampler="ddim", steps=2,
-                        batch_size=2, seed=0)
+    x = S.sample_images(
+        build_model(cfg), build_diffusion(cfg), 3, (c, s, s), sampler="ddim", steps=2, batch_size=2, seed=0
+    )
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.uint8
 
 
@@ -176,8 +177,7 @@ def _sample_body(ctx: object) -> dict:
 def test_two_ranks_give_the_single_process_samples(tmp_path):
     world = 2
     results = spawn_ranks(world, _sample_body, tmp_path, timeout_s=120, init_timeout_s=60)
-    single = S.sample_images(CountingNet(), _diffusion(), 7, (1, 8, 8), sampler="ddim", steps=3, batch_size=2,
-                             seed=5)
+    single = S.sample_images(CountingNet(), _diffusion(), 7, (1, 8, 8), sampler="ddim", steps=3, batch_size=2, seed=5)
     for res in results:
         assert torch.equal(torch.tensor(res["x"], dtype=torch.uint8), single)
     # 4 batches of 2 (the last has 1): rank 0 samples batches 0 and 2, rank 1 batches 1 and 3.

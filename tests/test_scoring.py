@@ -67,22 +67,23 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert Ref.stats_cache_dir() == tmp_path / "mine" / "fid_stats"
 
 
-def test_fid_scorer_loads_the_reference_once_and_scores_like_fid_of_model(tmp_path, torch_home, monkeypatch,
-                                                                          read_only_root):
+def test_fid_scorer_loads_the_reference_once_and_scores_like_fid_of_model(
+    tmp_path, torch_home, monkeypatch, read_only_root
+):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     computed = []
     source_statistics = Ref.source_statistics
     monkeypatch.setattr(Ref, "source_statistics", lambda *a, **k: computed.append(a) or source_statistics(*a, **k))
-    cfg = apply_overrides(get_preset("tiny"), {"data.root": str(read_only_root), "fid_samples": 4,
-                                               "sample_steps": 2})
+    cfg = apply_overrides(get_preset("tiny"), {"data.root": str(read_only_root), "fid_samples": 4, "sample_steps": 2})
     score = fid_scorer(cfg, torch.device("cpu"), tmp_path / "cache")
     cached = tmp_path / "cache" / "fid_stats" / "fashion-mnist_test.npz"
     assert len(computed) == 1 and cached.is_file()  # the default reference: the test split, cached
 
     model, diffusion = build_model(cfg), build_diffusion(cfg)
     v = score(model, diffusion, 7)
-    expected = fid_of_model(model, diffusion, load_stats(cached), 4, image_shape=(1, 28, 28), sampler="ddim",
-                            steps=2, seed=7)
+    expected = fid_of_model(
+        model, diffusion, load_stats(cached), 4, image_shape=(1, 28, 28), sampler="ddim", steps=2, seed=7
+    )
     assert np.isfinite(v) and v == pytest.approx(expected, rel=1e-9)
     assert score(model, diffusion, 8) != v and len(computed) == 1  # another seed; the reference not again
     fid_scorer(cfg, torch.device("cpu"), tmp_path / "cache")
@@ -94,8 +95,9 @@ def test_fid_and_eval_work_on_a_read_only_data_root(tmp_path, torch_home, monkey
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     monkeypatch.setenv("FEDRUN_CACHE", str(tmp_path / "cache"))
     root = str(read_only_root)
-    assert fedrun_main(["fid", "fashion-mnist:test", "fashion-mnist:train", "--data-root", root,
-                        "--device", "cpu"]) == 0
+    assert (
+        fedrun_main(["fid", "fashion-mnist:test", "fashion-mnist:train", "--data-root", root, "--device", "cpu"]) == 0
+    )
     assert float(capsys.readouterr().out.split("FID:")[1]) > 0
     assert not (tmp_path / "cache").exists()  # `fedrun fid` caches nothing
 

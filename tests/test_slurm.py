@@ -22,8 +22,17 @@ import pytest
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-         "BOOT_FAIL", "DEADLINE"}
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 ROUNDS = 6  # long enough that a requeue lands mid-run, short enough for 2 shared cores
 # Local steps per round: after `scontrol requeue` the old step keeps running through Slurm's kill grace
 # (submitit bypasses SIGTERM; KillWait + srun's wait, ~8 s here), so a run must outlast it to be resumed.
@@ -43,8 +52,10 @@ def slurm_cluster() -> None:
         pytest.skip(why)
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
-        pytest.fail(f"sbatch is installed but slurmctld does not answer ({ping.stdout.strip()} "
-                    f"{ping.stderr.strip()}): run `sudo bash slurm/start_cluster.sh`")
+        pytest.fail(
+            f"sbatch is installed but slurmctld does not answer ({ping.stdout.strip()} "
+            f"{ping.stderr.strip()}): run `sudo bash slurm/start_cluster.sh`"
+        )
 
 
 @pytest.fixture
@@ -57,8 +68,11 @@ def jobs():
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -74,8 +88,16 @@ def _fedrun(*args: str) -> str:
 
 
 def _tiny(data_root: Path, rounds: int = ROUNDS) -> list[str]:
-    return ["--preset", "tiny", "--data-root", str(data_root), "--rounds", str(rounds),
-            "--max-local-steps", str(LOCAL_STEPS)]
+    return [
+        "--preset",
+        "tiny",
+        "--data-root",
+        str(data_root),
+        "--rounds",
+        str(rounds),
+        "--max-local-steps",
+        str(LOCAL_STEPS),
+    ]
 
 
 def _slurm_res(tasks: int = 2) -> list[str]:
@@ -93,8 +115,7 @@ def _states(job_id: str, attempts: bool = False) -> dict[str, str]:
 
 
 def _in_queue(job_id: str) -> bool:
-    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i"], capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i"], capture_output=True, text=True, timeout=30)
     return bool(out.stdout.strip())
 
 
@@ -137,8 +158,24 @@ def _same_params(a: Path, b: Path) -> None:
 def reference(tmp_path_factory, fmnist_root) -> Path:
     """The same 2-client run under torchrun (2 ranks): what every Slurm run must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("torchrun")
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-          "-m", "fedrun", "train", *_tiny(fmnist_root), "--out-dir", str(out), "--name", "ref"], timeout=240)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "fedrun",
+            "train",
+            *_tiny(fmnist_root),
+            "--out-dir",
+            str(out),
+            "--name",
+            "ref",
+        ],
+        timeout=240,
+    )
     ref = out / "ref" / "models" / "global.pt"
     assert ref.exists() and (out / "ref" / "DONE").exists()
     return ref
@@ -148,8 +185,7 @@ def reference(tmp_path_factory, fmnist_root) -> Path:
 
 
 def test_submit_two_clients_equals_torchrun(tmp_path, fmnist_root, reference, jobs):
-    out = _fedrun("submit", *_tiny(fmnist_root), "--out-dir", str(tmp_path), "--name", "slurm",
-                  *_slurm_res(tasks=2))
+    out = _fedrun("submit", *_tiny(fmnist_root), "--out-dir", str(tmp_path), "--name", "slurm", *_slurm_res(tasks=2))
     job_id = _job_id(out)
     jobs.append(job_id)
     run_dir = tmp_path / "slurm"
@@ -159,18 +195,33 @@ def test_submit_two_clients_equals_torchrun(tmp_path, fmnist_root, reference, jo
     assert (run_dir / "DONE").exists()
     # one Slurm task per client rank
     assert {p.name for p in (run_dir / "slurm").glob(f"{job_id}_*_log.out")} == {
-        f"{job_id}_0_log.out", f"{job_id}_1_log.out"}
+        f"{job_id}_0_log.out",
+        f"{job_id}_1_log.out",
+    }
     _same_params(run_dir / "models" / "global.pt", reference)
 
     # submitting a finished run again submits nothing
-    assert "already finished" in _fedrun("submit", *_tiny(fmnist_root), "--out-dir", str(tmp_path),
-                                         "--name", "slurm", *_slurm_res(tasks=2))
+    assert "already finished" in _fedrun(
+        "submit", *_tiny(fmnist_root), "--out-dir", str(tmp_path), "--name", "slurm", *_slurm_res(tasks=2)
+    )
 
 
 def test_sweep_2x2_is_one_array_and_completes(tmp_path, fmnist_root, jobs):
-    args = ["sweep", *_tiny(fmnist_root, rounds=1), "--out-dir", str(tmp_path), "--name", "grid",
-            "--grid-set", "federation.method=full,udec", "--grid-set", "federation.seed=1,2",
-            *_slurm_res(tasks=2), "--array-parallelism", "2"]
+    args = [
+        "sweep",
+        *_tiny(fmnist_root, rounds=1),
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "grid",
+        "--grid-set",
+        "federation.method=full,udec",
+        "--grid-set",
+        "federation.seed=1,2",
+        *_slurm_res(tasks=2),
+        "--array-parallelism",
+        "2",
+    ]
     out = _fedrun(*args)
     array_id = _job_id(out)
     jobs.append(array_id)
@@ -187,7 +238,11 @@ def test_sweep_2x2_is_one_array_and_completes(tmp_path, fmnist_root, jobs):
         assert saved["federation"]["method"] == run["overrides"]["federation.method"]
         assert saved["federation"]["seed"] == run["overrides"]["federation.seed"]
     assert [tuple(r["overrides"].values()) for r in manifest["runs"]] == [
-        ("full", 1), ("full", 2), ("udec", 1), ("udec", 2)]
+        ("full", 1),
+        ("full", 2),
+        ("udec", 1),
+        ("udec", 2),
+    ]
 
     # re-running the sweep skips the finished runs and submits nothing
     again = _fedrun(*args)
@@ -198,8 +253,17 @@ def test_sweep_2x2_is_one_array_and_completes(tmp_path, fmnist_root, jobs):
 def test_requeue_mid_run_resumes_and_equals_uninterrupted(trigger, tmp_path, fmnist_root, reference, jobs):
     """usr2: submitit's timeout/preemption signal -> checkpoint() -> requeue (what a time limit does).
     scontrol: `scontrol requeue` of the running job -> the batch script runs again."""
-    out = _fedrun("submit", *_tiny(fmnist_root), "--out-dir", str(tmp_path), "--name", "rq",
-                  *_slurm_res(tasks=2), "--max-requeues", "2")
+    out = _fedrun(
+        "submit",
+        *_tiny(fmnist_root),
+        "--out-dir",
+        str(tmp_path),
+        "--name",
+        "rq",
+        *_slurm_res(tasks=2),
+        "--max-requeues",
+        "2",
+    )
     job_id = _job_id(out)
     jobs.append(job_id)
     run_dir = tmp_path / "rq"

@@ -39,7 +39,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_pkg: bool) -> set[str]:
@@ -101,8 +102,10 @@ def test_packages_import_only_downwards():
             other = d.split(".")[0]
             if (other != pkg and other not in ALLOWED[pkg]) or d in COMPOSITION_ROOTS:
                 bad.append(f"{name} imports {d}")
-    assert not bad, ("imports against the layering (unet <- fedrun <- slurm, evaluation <- fedrun.cli; "
-                     "nothing imports the CLI):\n" + "\n".join(bad))
+    assert not bad, (
+        "imports against the layering (unet <- fedrun <- slurm, evaluation <- fedrun.cli; "
+        "nothing imports the CLI):\n" + "\n".join(bad)
+    )
 
 
 def test_no_import_cycles():
@@ -115,7 +118,7 @@ def test_no_import_cycles():
         stack.append(node)
         for d in sorted(graph[node]):
             if state.get(d) == 1:
-                cycles.append(stack[stack.index(d):] + [d])
+                cycles.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 dfs(d, stack)
         stack.pop()
@@ -127,14 +130,20 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("src, module, expected", [
-    ("from fedrun.methods import GROUPS\n", "fedrun.loop", {"fedrun.methods", "fedrun.methods.GROUPS"}),
-    ("def f():\n    import evaluation.fid\n", "fedrun.x", {"evaluation.fid"}),
-    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import slurm\n", "fedrun.x", {"typing",
-                                                                                          "typing.TYPE_CHECKING"}),
-    ("from . import dist\n", "fedrun.loop", {"fedrun", "fedrun.dist"}),
-    ("from .layout import cuts\n", "fedrun.exchange", {"fedrun.exchange.layout", "fedrun.exchange.layout.cuts"}),
-])
+@pytest.mark.parametrize(
+    "src, module, expected",
+    [
+        ("from fedrun.methods import GROUPS\n", "fedrun.loop", {"fedrun.methods", "fedrun.methods.GROUPS"}),
+        ("def f():\n    import evaluation.fid\n", "fedrun.x", {"evaluation.fid"}),
+        (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import slurm\n",
+            "fedrun.x",
+            {"typing", "typing.TYPE_CHECKING"},
+        ),
+        ("from . import dist\n", "fedrun.loop", {"fedrun", "fedrun.dist"}),
+        ("from .layout import cuts\n", "fedrun.exchange", {"fedrun.exchange.layout", "fedrun.exchange.layout.cuts"}),
+    ],
+)
 def test_import_reader(src, module, expected):
     """The reader the checks above rely on: function-level imports count, TYPE_CHECKING ones do not, and
     relative imports resolve against the module (or, for a package's __init__, the package itself)."""

@@ -44,10 +44,12 @@ def test_expand_grid_is_the_product_in_key_order():
 
 
 def test_grid_set_splits_values_but_not_bracketed_tuples():
-    grid = sw.parse_grid_sets(["federation.method=full,udec", "model.dim_mults=[1,2],[1,2,4]",
-                               "federation.clients=5"])
-    assert grid == {"federation.method": ["full", "udec"], "model.dim_mults": ["[1,2]", "[1,2,4]"],
-                    "federation.clients": ["5"]}
+    grid = sw.parse_grid_sets(["federation.method=full,udec", "model.dim_mults=[1,2],[1,2,4]", "federation.clients=5"])
+    assert grid == {
+        "federation.method": ["full", "udec"],
+        "model.dim_mults": ["[1,2]", "[1,2,4]"],
+        "federation.clients": ["5"],
+    }
     with pytest.raises(sw.GridError, match="expected FIELD=V1,V2"):
         sw.parse_grid_sets(["federation.method"])
 
@@ -55,8 +57,11 @@ def test_grid_set_splits_values_but_not_bracketed_tuples():
 def test_load_grid_yaml_flat_nested_and_scalars(tmp_path: Path):
     f = tmp_path / "grid.yaml"
     f.write_text("federation:\n  method: [full, udec]\n  clients: 5\ndata.partition: [iid, label-skew]\n")
-    assert sw.load_grid(f) == {"federation.method": ["full", "udec"], "federation.clients": [5],
-                               "data.partition": ["iid", "label-skew"]}
+    assert sw.load_grid(f) == {
+        "federation.method": ["full", "udec"],
+        "federation.clients": [5],
+        "data.partition": ["iid", "label-skew"],
+    }
     f.write_text("- just\n- a list\n")
     with pytest.raises(sw.GridError, match="expected a mapping"):
         sw.load_grid(f)
@@ -64,13 +69,16 @@ def test_load_grid_yaml_flat_nested_and_scalars(tmp_path: Path):
         sw.load_grid(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("grid, message", [
-    ({"federation.metod": ["full"]}, "unknown config field 'federation.metod'"),
-    ({"method": ["full"]}, r"did you mean federation.method\?"),
-    ({"federation.seed": []}, "non-empty list"),
-    ({"name": ["a", "b"]}, "cannot vary"),
-    ({}, "empty grid"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"federation.metod": ["full"]}, "unknown config field 'federation.metod'"),
+        ({"method": ["full"]}, r"did you mean federation.method\?"),
+        ({"federation.seed": []}, "non-empty list"),
+        ({"name": ["a", "b"]}, "cannot vary"),
+        ({}, "empty grid"),
+    ],
+)
 def test_bad_grid_fails_with_a_clear_error(grid, message):
     with pytest.raises(sw.GridError, match=message):
         sw.expand_grid(grid)
@@ -162,15 +170,19 @@ def test_run_sweep_submits_one_array_and_writes_the_manifest(tmp_path: Path, mon
     done_dir.mkdir(parents=True)
     (done_dir / "DONE").write_text("{}")
 
-    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), train_entry, sweep_dir=tmp_path / "sweep",
-                       active=lambda ids: set())
+    res = sw.run_sweep(
+        base, GRID, SlurmOptions(tasks_per_node=2), train_entry, sweep_dir=tmp_path / "sweep", active=lambda ids: set()
+    )
     assert fake.batches == 1 and len(fake.submitted) == 3
     assert res.array_job_id == "77"
     manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())
     runs = manifest["runs"]
     assert [(r["index"], r["array_index"], r["job_id"], r["status"]) for r in runs] == [
-        (0, 0, "77_0", "submitted"), (1, None, None, "done"), (2, 1, "77_1", "submitted"),
-        (3, 2, "77_2", "submitted")]
+        (0, 0, "77_0", "submitted"),
+        (1, None, None, "done"),
+        (2, 1, "77_1", "submitted"),
+        (3, 2, "77_2", "submitted"),
+    ]
     assert runs[3]["overrides"] == {"federation.method": "udec", "federation.seed": 2}
     assert runs[3]["run_dir"] == str((tmp_path / "sweep" / "method-udec_seed-2").resolve())
     assert manifest["sbatch"]["tasks_per_node"] == 2 and manifest["array_job_id"] == "77"
@@ -182,17 +194,45 @@ def test_run_sweep_submits_one_array_and_writes_the_manifest(tmp_path: Path, mon
     # a second sweep over the same directory: nothing finished meanwhile, but all are still queued
     fake2 = _FakeExecutor()
     monkeypatch.setattr(sw, "make_executor", lambda *a, **k: fake2)
-    res = sw.run_sweep(base, GRID, SlurmOptions(tasks_per_node=2), train_entry, sweep_dir=tmp_path / "sweep",
-                       active=lambda ids: set(ids))
+    res = sw.run_sweep(
+        base,
+        GRID,
+        SlurmOptions(tasks_per_node=2),
+        train_entry,
+        sweep_dir=tmp_path / "sweep",
+        active=lambda ids: set(ids),
+    )
     assert res.array_job_id is None and fake2.submitted == []
     assert [p.status for p in res.points] == ["active", "done", "active", "active"]
 
 
 def test_dry_run_prints_grid_and_array_sbatch_without_writing(tmp_path: Path, capsys):
-    rc = main(["sweep", "--preset", "tiny", "--out-dir", str(tmp_path), "--name", "t1",
-               "--grid-set", "federation.method=full,udec", "--grid-set", "federation.seed=1,2",
-               "--tasks-per-node", "2", "--cpus-per-task", "1", "--array-parallelism", "2",
-               "--time", "0:10:00", "--sbatch", "constraint=cpu", "--dry-run"])
+    rc = main(
+        [
+            "sweep",
+            "--preset",
+            "tiny",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "t1",
+            "--grid-set",
+            "federation.method=full,udec",
+            "--grid-set",
+            "federation.seed=1,2",
+            "--tasks-per-node",
+            "2",
+            "--cpus-per-task",
+            "1",
+            "--array-parallelism",
+            "2",
+            "--time",
+            "0:10:00",
+            "--sbatch",
+            "constraint=cpu",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "4 run(s)" in out and "method-udec_seed-2" in out and "federation.seed=2" in out
@@ -204,29 +244,46 @@ def test_dry_run_prints_grid_and_array_sbatch_without_writing(tmp_path: Path, ca
 
 
 def test_cli_bad_grid_field_exits_2_with_one_line(tmp_path: Path, capsys):
-    rc = main(["sweep", "--preset", "tiny", "--out-dir", str(tmp_path), "--grid-set", "federation.metod=full",
-               "--dry-run"])
+    rc = main(
+        ["sweep", "--preset", "tiny", "--out-dir", str(tmp_path), "--grid-set", "federation.metod=full", "--dry-run"]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "unknown config field 'federation.metod'" in err and "Traceback" not in err
 
 
 def test_submit_dry_run_and_too_many_ranks(tmp_path: Path, capsys):
-    rc = main(["submit", "--preset", "tiny", "--out-dir", str(tmp_path), "--name", "r", "--nodes", "1",
-               "--tasks-per-node", "2", "--max-requeues", "5", "--dry-run"])
+    rc = main(
+        [
+            "submit",
+            "--preset",
+            "tiny",
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "r",
+            "--nodes",
+            "1",
+            "--tasks-per-node",
+            "2",
+            "--max-requeues",
+            "5",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "#SBATCH --ntasks-per-node=2" in out and "--array" not in out
     assert f"{tmp_path.resolve()}/r/slurm/%j_%t_log.out" in out
-    rc = main(["submit", "--preset", "tiny", "--out-dir", str(tmp_path), "--tasks-per-node", "3",
-               "--dry-run"])
+    rc = main(["submit", "--preset", "tiny", "--out-dir", str(tmp_path), "--tasks-per-node", "3", "--dry-run"])
     assert rc == 2 and "only 2 clients" in capsys.readouterr().err
 
 
 # -- submit helpers --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, minutes", [("90", 90), ("45:30", 46), ("1:30:00", 90), ("2-00:00:00", 2880),
-                                           ("1-12", 2160), ("0:00:10", 1)])
+@pytest.mark.parametrize(
+    "text, minutes", [("90", 90), ("45:30", 46), ("1:30:00", 90), ("2-00:00:00", 2880), ("1-12", 2160), ("0:00:10", 1)]
+)
 def test_parse_time(text, minutes):
     assert parse_time(text) == minutes
 
@@ -238,7 +295,10 @@ def test_parse_time_rejects_garbage():
 
 def test_parse_sbatch_options():
     assert parse_sbatch_options(["constraint=a100", "--exclusive", "mail_type=END"]) == {
-        "constraint": "a100", "exclusive": True, "mail-type": "END"}
+        "constraint": "a100",
+        "exclusive": True,
+        "mail-type": "END",
+    }
     with pytest.raises(SubmitError):
         parse_sbatch_options(["=x"])
 
@@ -266,9 +326,18 @@ def test_master_port_depends_only_on_the_job_id():
 
 
 def test_export_distributed_env_from_slurm_variables(monkeypatch):
-    for k, v in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-                 "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                 "MASTER_PORT": "1", "RANK": "0", "SUBMITIT_EXECUTOR": "slurm"}.items():
+    for k, v in {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "4",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+        "MASTER_PORT": "1",
+        "RANK": "0",
+        "SUBMITIT_EXECUTOR": "slurm",
+    }.items():
         monkeypatch.setenv(k, v)
     # export_distributed_env writes these: register them so monkeypatch removes them afterwards
     for k in ("WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "OMP_NUM_THREADS"):
@@ -304,12 +373,32 @@ def test_config_error_is_a_config_error():
 def test_executor_carries_requeues_and_extra_sbatch_options(tmp_path: Path):
     from slurm.submit import make_executor, sbatch_preview
 
-    opts = SlurmOptions(nodes=2, gpus_per_node=4, cpus_per_task=8, mem="64G", partition="gpu", account="proj",
-                        qos="high", max_requeues=7, sbatch={"constraint": "a100", "exclusive": True})
+    opts = SlurmOptions(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        mem="64G",
+        partition="gpu",
+        account="proj",
+        qos="high",
+        max_requeues=7,
+        sbatch={"constraint": "a100", "exclusive": True},
+    )
     ex = make_executor(tmp_path, opts, tasks_per_node=4, name="fedrun-x")
     assert ex._executor.max_num_timeout == 7  # submitit requeues a timed-out job at most 7 times
     script = sbatch_preview(ex)
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64G",
-                 "--partition=gpu", "--account=proj", "--qos=high", "--constraint=a100", "--exclusive",
-                 "--job-name=fedrun-x", "--time=60"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=64G",
+        "--partition=gpu",
+        "--account=proj",
+        "--qos=high",
+        "--constraint=a100",
+        "--exclusive",
+        "--job-name=fedrun-x",
+        "--time=60",
+    ):
         assert f"#SBATCH {line}\n" in script, line

@@ -26,8 +26,11 @@ TINY = ["--preset", "tiny", "--seed", "7"]
 
 def _env(repo_root: Path) -> dict:
     # A run of its own: no process-group variables inherited from the test process.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = str(repo_root) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     return env
@@ -37,10 +40,19 @@ def run_fedrun(repo_root, args, nproc=1, max_restarts=0, check=True, timeout=400
     if nproc == 1 and max_restarts == 0:
         cmd = [sys.executable, "-m", "fedrun", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               f"--max-restarts={max_restarts}", "-m", "fedrun", "train", *args]
-    p = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True,
-                       timeout=timeout)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}",
+            "-m",
+            "fedrun",
+            "train",
+            *args,
+        ]
+    p = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -59,8 +71,20 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 
 def test_single_process_run_writes_everything(repo_root, fmnist_root, tmp_path):
-    p = run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path),
-                               "--name", "r", "--set", "optim.ema_decay=0.9"])
+    p = run_fedrun(
+        repo_root,
+        [
+            *TINY,
+            "--data-root",
+            str(fmnist_root),
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "r",
+            "--set",
+            "optim.ema_decay=0.9",
+        ],
+    )
     run = tmp_path / "r"
     assert json.loads((run / "config.json").read_text())["federation"]["clients"] == 2
     rows = read_comm_log(run / "comm.jsonl")
@@ -77,13 +101,34 @@ def test_single_process_run_writes_everything(repo_root, fmnist_root, tmp_path):
 def test_tensorboard_events_have_expected_tags(repo_root, fmnist_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--name", "tb",
-                           "--rounds", "3", "--set", "sample_every=2"])
+    run_fedrun(
+        repo_root,
+        [
+            *TINY,
+            "--data-root",
+            str(fmnist_root),
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "tb",
+            "--rounds",
+            "3",
+            "--set",
+            "sample_every=2",
+        ],
+    )
     acc = EventAccumulator(str(RunDir(tmp_path / "tb").tb))
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    expected = {"client/0/loss", "client/1/loss", "round/loss", "comm/paper_params_cum/full",
-                "comm/bytes_cum/full", "time/compute_s", "time/sync_s"}
+    expected = {
+        "client/0/loss",
+        "client/1/loss",
+        "round/loss",
+        "comm/paper_params_cum/full",
+        "comm/bytes_cum/full",
+        "time/compute_s",
+        "time/sync_s",
+    }
     assert expected <= scalars, expected - scalars
     for tag in expected:
         assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3], tag
@@ -114,8 +159,25 @@ def test_corrupt_newest_checkpoint_uses_previous(repo_root, fmnist_root, tmp_pat
 
 @pytest.mark.multiproc
 def test_torchrun_udec_virtual_clients_writes_comm_file(repo_root, fmnist_root, tmp_path):
-    run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--name", "u",
-                           "--method", "udec", "--clients", "4", "--rounds", "3"], nproc=2)
+    run_fedrun(
+        repo_root,
+        [
+            *TINY,
+            "--data-root",
+            str(fmnist_root),
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "u",
+            "--method",
+            "udec",
+            "--clients",
+            "4",
+            "--rounds",
+            "3",
+        ],
+        nproc=2,
+    )
     run = tmp_path / "u"
     models = load_models(run)
     assert set(models) == {f"client{k}.pt" for k in range(4)}
@@ -141,9 +203,25 @@ def test_torchrun_udec_virtual_clients_writes_comm_file(repo_root, fmnist_root, 
 def reference_run(repo_root, fmnist_root, tmp_path_factory):
     """Uninterrupted: 2 gloo ranks, 3 clients (one rank hosts two), 4 rounds."""
     out = tmp_path_factory.mktemp("ref")
-    args = [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(out), "--name", "ref",
-            "--clients", "3", "--rounds", "4", "--max-local-steps", "8",
-            "--set", "optim.ema_decay=0.9", "--set", "optim.keep_state=true"]
+    args = [
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--out-dir",
+        str(out),
+        "--name",
+        "ref",
+        "--clients",
+        "3",
+        "--rounds",
+        "4",
+        "--max-local-steps",
+        "8",
+        "--set",
+        "optim.ema_decay=0.9",
+        "--set",
+        "optim.keep_state=true",
+    ]
     run_fedrun(repo_root, args, nproc=2)
     return args, load_models(out / "ref")
 
@@ -179,10 +257,23 @@ def test_kill_9_of_a_rank_restarts_and_finishes_identically(repo_root, tmp_path,
     args = [a if a != "ref" else "killed" for a in args]
     args[args.index("--out-dir") + 1] = str(tmp_path)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--max-restarts=1", "-m", "fedrun", "train", *args, "--set", "dist_timeout_s=60"]
-    proc = subprocess.Popen(cmd, cwd=repo_root, env=_env(repo_root), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "fedrun",
+        "train",
+        *args,
+        "--set",
+        "dist_timeout_s=60",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=repo_root, env=_env(repo_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 300
         while not (run / "checkpoints" / "latest").exists():
@@ -208,9 +299,26 @@ def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_s
     env_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(torch_home)
     try:
-        p = run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--name", "f",
-                                   "--method", "udec", "--set", "fid_every=2", "--set", "fid_samples=4",
-                                   "--set", f"fid_ref={fid_stats_path}"])
+        p = run_fedrun(
+            repo_root,
+            [
+                *TINY,
+                "--data-root",
+                str(fmnist_root),
+                "--out-dir",
+                str(tmp_path),
+                "--name",
+                "f",
+                "--method",
+                "udec",
+                "--set",
+                "fid_every=2",
+                "--set",
+                "fid_samples=4",
+                "--set",
+                f"fid_ref={fid_stats_path}",
+            ],
+        )
     finally:
         if env_home is None:
             os.environ.pop("TORCH_HOME")
@@ -227,8 +335,13 @@ def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_s
 
 @pytest.mark.multiproc
 def test_fewer_clients_than_ranks_is_a_clear_error(repo_root, fmnist_root, tmp_path):
-    p = run_fedrun(repo_root, [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--clients", "1"],
-                   nproc=2, check=False, timeout=200)
+    p = run_fedrun(
+        repo_root,
+        [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--clients", "1"],
+        nproc=2,
+        check=False,
+        timeout=200,
+    )
     assert p.returncode != 0
     assert "invalid federation.clients=1: fewer clients than the 2 ranks" in p.stderr
 
@@ -237,8 +350,9 @@ def _tiny_config(fmnist_root, out_dir, **overrides):
     from fedrun.config import apply_overrides
     from fedrun.presets import get_preset
 
-    return apply_overrides(get_preset("tiny"), {"federation.seed": 7, "data.root": str(fmnist_root),
-                                                "out_dir": str(out_dir), **overrides})
+    return apply_overrides(
+        get_preset("tiny"), {"federation.seed": 7, "data.root": str(fmnist_root), "out_dir": str(out_dir), **overrides}
+    )
 
 
 def test_fid_during_training_calls_the_factory_once_and_scores_every_model(fmnist_root, tmp_path, capsys):

@@ -30,17 +30,20 @@ def test_round_trip_restores_tuples_int_keys_and_floats_exactly():
     assert _round_trip(2, float) == 2.0 and isinstance(_round_trip(2, float), float)
 
 
-@pytest.mark.parametrize("value, expected, where", [
-    (True, int, "expected int"),           # a bool is no image count
-    (1.5, int, "expected int"),
-    ("1", float, "expected float"),
-    ([1, 2, 3], tuple[int, int], "expected 2 items"),
-    ({"01": 1.0}, dict[int, float], "key '01'"),
-    ({" 1": 1.0}, dict[int, float], "key ' 1'"),
-    ({"٣": 1.0}, dict[int, float], "key"),   # an Arabic-Indic 3 is a digit to int(), not a key we send
-    ({"a": [1, "x"]}, dict[str, list[int]], "['a'][1]: expected int"),
-    ("x" * 1000, bool, "..."),               # what a peer sent is shown cut short
-])
+@pytest.mark.parametrize(
+    "value, expected, where",
+    [
+        (True, int, "expected int"),  # a bool is no image count
+        (1.5, int, "expected int"),
+        ("1", float, "expected float"),
+        ([1, 2, 3], tuple[int, int], "expected 2 items"),
+        ({"01": 1.0}, dict[int, float], "key '01'"),
+        ({" 1": 1.0}, dict[int, float], "key ' 1'"),
+        ({"٣": 1.0}, dict[int, float], "key"),  # an Arabic-Indic 3 is a digit to int(), not a key we send
+        ({"a": [1, "x"]}, dict[str, list[int]], "['a'][1]: expected int"),
+        ("x" * 1000, bool, "..."),  # what a peer sent is shown cut short
+    ],
+)
 def test_wrong_types_are_refused_with_where(value, expected, where):
     with pytest.raises(wire.WireError) as err:
         _round_trip(value, expected)
@@ -72,8 +75,7 @@ def test_sizes_and_depth_are_bounded():
 def test_arrays_from_checks_the_bytes_against_the_shapes():
     grid = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     other = np.linspace(0, 1, 5).astype(np.float32)
-    meta = _round_trip({0: (list(grid.shape), grid.dtype.str), 2: (list(other.shape), other.dtype.str)},
-                       wire.ArrayMeta)
+    meta = _round_trip({0: (list(grid.shape), grid.dtype.str), 2: (list(other.shape), other.dtype.str)}, wire.ArrayMeta)
     out = wire.arrays_from(meta, grid.tobytes() + other.tobytes())
     assert np.array_equal(out[0], grid) and np.array_equal(out[2], other) and out[2].dtype == np.float32
     assert out[0].flags.writeable  # a copy, not a view of the received buffer

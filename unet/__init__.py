@@ -24,7 +24,14 @@ _LAZY = {
 }
 
 __all__ = [  # noqa: F822 (the lazy names are resolved by __getattr__)
-    "ARCHS", "DDPMUNet", "EMA", "GROUPS", "GaussianDiffusion", "UNet", "create_model", "group_sizes",
+    "ARCHS",
+    "DDPMUNet",
+    "EMA",
+    "GROUPS",
+    "GaussianDiffusion",
+    "UNet",
+    "create_model",
+    "group_sizes",
     "parameter_groups",
 ]
 

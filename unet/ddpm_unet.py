@@ -236,9 +236,7 @@ class DDPMUNet(nn.Module):
         super().__init__()
         n_levels = len(channel_mults)
         if image_size % 2 ** (n_levels - 1):
-            raise ValueError(
-                f"image_size {image_size} must be divisible by 2^{n_levels - 1} for {n_levels} levels"
-            )
+            raise ValueError(f"image_size {image_size} must be divisible by 2^{n_levels - 1} for {n_levels} levels")
         self.image_size = image_size
         self.in_channels = in_channels
         widths = [base_channels * m for m in channel_mults]

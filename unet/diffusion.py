@@ -230,11 +230,8 @@ class GaussianDiffusion:
         """Ancestral sampling over all T steps if `steps` is None (the paper; ``clip_x0``: see
         ``p_sample_loop``), else DDIM with `steps`."""
         if steps is None:
-            return self.p_sample_loop(model, shape, device, generator=generator, progress=progress,
-                                      clip_x0=clip_x0)
-        return self.ddim_sample_loop(
-            model, shape, device, steps=steps, eta=eta, generator=generator, progress=progress
-        )
+            return self.p_sample_loop(model, shape, device, generator=generator, progress=progress, clip_x0=clip_x0)
+        return self.ddim_sample_loop(model, shape, device, steps=steps, eta=eta, generator=generator, progress=progress)
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:

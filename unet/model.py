@@ -115,9 +115,7 @@ class Attention(nn.Module):
         # x: [B, c, H, W] -> [B, c, H, W]
         b, _, h, w = x.shape
         # [B, h, d, N] -> [B, h, N, d]; SDPA's default scale is d^-1/2, as in the reference code.
-        q, k, v = (
-            z.reshape(b, self.heads, -1, h * w).transpose(-1, -2) for z in self.to_qkv(x).chunk(3, dim=1)
-        )
+        q, k, v = (z.reshape(b, self.heads, -1, h * w).transpose(-1, -2) for z in self.to_qkv(x).chunk(3, dim=1))
         out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, d]
         out = out.transpose(-1, -2).reshape(b, -1, h, w)  # [B, h*d, H, W]
         return self.to_out(out)
@@ -206,8 +204,7 @@ class UNet(nn.Module):
             SinusoidalEmbedding(dim), nn.Linear(dim, time_dim), nn.GELU(), nn.Linear(time_dim, time_dim)
         )
         self.downs = nn.ModuleList(
-            DownLevel(d_in, d_out, time_dim, downsample=i < len(levels) - 1)
-            for i, (d_in, d_out) in enumerate(levels)
+            DownLevel(d_in, d_out, time_dim, downsample=i < len(levels) - 1) for i, (d_in, d_out) in enumerate(levels)
         )
         # --- bottleneck ---
         mid = dims[-1]

@@ -44,8 +44,9 @@ class Adopted:
     def holds(self, names: Sequence[str], tensors: Sequence[Tensor]) -> bool:
         """Whether ``tensors`` (a client's parameters ``names``) are exactly the adopted ones, in place."""
         ptrs = self.ptrs
-        return ([ptrs.get(n) for n in names] == [t.data_ptr() for t in tensors]
-                and {t.dtype for t in tensors} <= {self.flat.dtype})
+        return [ptrs.get(n) for n in names] == [t.data_ptr() for t in tensors] and {t.dtype for t in tensors} <= {
+            self.flat.dtype
+        }
 
 
 @torch.no_grad()

@@ -82,9 +82,14 @@ class Exchange:
     makes them the reference. The weight slots travel in bf16 too and are checked to 1e-2 there.
     """
 
-    def __init__(self, named_groups: Mapping[str, Sequence[str]], client_sizes: Sequence[int],
-                 group: dist.ProcessGroup | None = None, exchange_dtype: str = "fp32",
-                 bucket_bytes: int | None = DEFAULT_BUCKET_BYTES) -> None:
+    def __init__(
+        self,
+        named_groups: Mapping[str, Sequence[str]],
+        client_sizes: Sequence[int],
+        group: dist.ProcessGroup | None = None,
+        exchange_dtype: str = "fp32",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown group(s) {sorted(unknown)}; allowed: {', '.join(GROUPS)}")
@@ -97,8 +102,9 @@ class Exchange:
         if exchange_dtype not in EXCHANGE_DTYPES:
             allowed = ", ".join(EXCHANGE_DTYPES)
             raise ValueError(f"unknown exchange_dtype {exchange_dtype!r}; allowed: {allowed}")
-        if bucket_bytes is not None and (isinstance(bucket_bytes, bool) or int(bucket_bytes) != bucket_bytes
-                                         or bucket_bytes <= 0):
+        if bucket_bytes is not None and (
+            isinstance(bucket_bytes, bool) or int(bucket_bytes) != bucket_bytes or bucket_bytes <= 0
+        ):
             raise ValueError(f"bucket_bytes must be a positive integer or None, got {bucket_bytes!r}")
         self.named_groups = {g: list(names) for g, names in named_groups.items()}
         self.client_sizes = [int(s) for s in client_sizes]
@@ -186,8 +192,10 @@ class Exchange:
             if written:  # references may be half updated: the next sync exchanges values again
                 self.reset_reference()
             if layout.aliased and not isinstance(e, WeightSumError):  # that one says so itself
-                e.add_note("this rank's shared parameters were scaled in place and are no longer valid: "
-                           "resume from the last checkpoint")
+                e.add_note(
+                    "this rank's shared parameters were scaled in place and are no longer valid: "
+                    "resume from the last checkpoint"
+                )
             raise
         if layout.buffer.is_cuda:
             torch.cuda.synchronize(layout.buffer.device)
@@ -195,8 +203,9 @@ class Exchange:
         return SyncStats(nbytes, time.perf_counter() - start, len(handles), share.groups)
 
     # -- stages, per sync ---------------------------------------------------------------------------------
-    def _references(self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype,
-                    device: torch.device) -> list[GroupReference] | None:
+    def _references(
+        self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device
+    ) -> list[GroupReference] | None:
         """bf16: every shared group's reference, laid out like its run; None unless all of them exist."""
         if self.exchange_dtype != "bf16":
             return None
@@ -210,8 +219,15 @@ class Exchange:
             pos += count
         return refs
 
-    def _fill(self, layout: Layout, update: Update, share: RankShare, sources: Mapping[int, list[Tensor]],
-              refs: list[GroupReference] | None, bucket: Bucket) -> None:
+    def _fill(
+        self,
+        layout: Layout,
+        update: Update,
+        share: RankShare,
+        sources: Mapping[int, list[Tensor]],
+        refs: list[GroupReference] | None,
+        bucket: Bucket,
+    ) -> None:
         """Stage 2 for one bucket: every part's weighted update, then (last bucket) the weight slots."""
         for part in bucket.parts:
             ref = None if refs is None else refs[part.group].flat[part.glo : part.glo + part.hi - part.lo]
@@ -219,12 +235,20 @@ class Exchange:
         if bucket is layout.buckets[-1]:
             layout.wire_slots.copy_(torch.tensor(share.slots, dtype=torch.float64))
 
-    def _receive(self, layout: Layout, update: Update, refs: list[GroupReference] | None,
-                 clients: list[list[Tensor]], device: torch.device) -> None:
+    def _receive(
+        self,
+        layout: Layout,
+        update: Update,
+        refs: list[GroupReference] | None,
+        clients: list[list[Tensor]],
+        device: torch.device,
+    ) -> None:
         """Stage 4, after the check: every part's new value (the bf16 reference updated) into every client."""
         if refs is None and self.exchange_dtype == "bf16":  # values exchanged: they become the references
-            refs = [self.reference.create(g, layout.group_signature(i), layout.buffer.dtype, device)
-                    for i, g in enumerate(layout.groups)]
+            refs = [
+                self.reference.create(g, layout.group_signature(i), layout.buffer.dtype, device)
+                for i, g in enumerate(layout.groups)
+            ]
         for bucket in layout.buckets:
             for part in bucket.parts:
                 update.decode(part)
@@ -251,15 +275,23 @@ class Exchange:
             self._in_place_sig[groups] = signature(first)
         return self._in_place_sig[groups]
 
-    def _layout(self, groups: tuple[str, ...], first: list[Tensor], sig: Signature, update: Update,
-                device: torch.device, run: Tensor | None) -> Layout:
+    def _layout(
+        self,
+        groups: tuple[str, ...],
+        first: list[Tensor],
+        sig: Signature,
+        update: Update,
+        device: torch.device,
+        run: Tensor | None,
+    ) -> Layout:
         """The aliased layout of the adopted ``run``, else the packed one (rebuilt only when its key changes)."""
         wire = update.wire_dtype
         if run is not None:
             key = (groups, wire)
             if key not in self._in_place:
-                self._in_place[key] = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device,
-                                             buffer=run, sig=sig)
+                self._in_place[key] = Layout(
+                    groups, self.named_groups, first, wire, self.bucket_bytes, device, buffer=run, sig=sig
+                )
             return self._in_place[key]
         if self.packed_layout is None or self.packed_layout.key != layout_key(groups, first, sig, wire):
             self.packed_layout = Layout(groups, self.named_groups, first, wire, self.bucket_bytes, device, sig=sig)

@@ -76,8 +76,9 @@ def cut_buckets(sizes: Sequence[int], slots: int, limit: int | None) -> list[tup
     return cuts
 
 
-def group_runs(cuts: Sequence[tuple[int, int]], sizes: Sequence[int],
-               group_of: Sequence[int]) -> list[list[tuple[int, int]]]:
+def group_runs(
+    cuts: Sequence[tuple[int, int]], sizes: Sequence[int], group_of: Sequence[int]
+) -> list[list[tuple[int, int]]]:
     """Per bucket, the runs [i, j) of consecutive parameters of one group that start inside it (buckets
     from ``cut_buckets(sizes, ...)``; ``group_of[i]``: the group of parameter i)."""
     offsets = [0]
@@ -123,8 +124,9 @@ class Bucket:
     parts: tuple[Part, ...]
 
 
-def layout_key(groups: tuple[str, ...], first: Sequence[Tensor], sig: Signature,
-               wire_dtype: torch.dtype | None) -> tuple:
+def layout_key(
+    groups: tuple[str, ...], first: Sequence[Tensor], sig: Signature, wire_dtype: torch.dtype | None
+) -> tuple:
     """What a packed layout depends on (``sig``: ``signature(first)``): a cached one serves a later sync
     with the same key."""
     device = first[0].device if first else None
@@ -146,9 +148,17 @@ class Layout:
         sig: ``signature(first)`` when the caller has it.
     """
 
-    def __init__(self, groups: tuple[str, ...], named_groups: Mapping[str, Sequence[str]], first: Sequence[Tensor],
-                 wire_dtype: torch.dtype | None, bucket_bytes: int | None, device: torch.device,
-                 buffer: Tensor | None = None, sig: Signature | None = None) -> None:
+    def __init__(
+        self,
+        groups: tuple[str, ...],
+        named_groups: Mapping[str, Sequence[str]],
+        first: Sequence[Tensor],
+        wire_dtype: torch.dtype | None,
+        bucket_bytes: int | None,
+        device: torch.device,
+        buffer: Tensor | None = None,
+        sig: Signature | None = None,
+    ) -> None:
         self.groups = groups
         self.signature = signature(first) if sig is None else sig
         self.key = layout_key(groups, first, self.signature, wire_dtype)
@@ -167,22 +177,26 @@ class Layout:
         for size in sizes:
             offsets.append(offsets[-1] + size)
         base = buffer.storage_offset()
-        self.views = tuple(buffer.as_strided(shape, stride, base + pos)
-                           for (shape, stride), pos in zip(self.signature, offsets, strict=False))
+        self.views = tuple(
+            buffer.as_strided(shape, stride, base + pos)
+            for (shape, stride), pos in zip(self.signature, offsets, strict=False)
+        )
         group_of: list[int] = []  # the group index of every parameter
         self._group_first: list[int] = []  # index of every group's first parameter
         for gi, g in enumerate(groups):
             self._group_first.append(len(group_of))
             group_of.extend([gi] * len(named_groups[g]))
         self._group_first.append(len(group_of))
-        self.ranges = {g: (offsets[self._group_first[gi]], offsets[self._group_first[gi + 1]])
-                       for gi, g in enumerate(groups)}
+        self.ranges = {
+            g: (offsets[self._group_first[gi]], offsets[self._group_first[gi + 1]]) for gi, g in enumerate(groups)
+        }
         """Group -> its run [lo, hi) in the buffer."""
         limit = None if bucket_bytes is None else bucket_bytes // self.wire.element_size()
         cuts = cut_buckets(sizes, ns, limit)
         self.buckets = tuple(
             Bucket(lo, hi, self.wire[lo:hi], tuple(self._part(group_of[i], i, j, offsets) for i, j in runs))
-            for (lo, hi), runs in zip(cuts, group_runs(cuts, sizes, group_of), strict=True))
+            for (lo, hi), runs in zip(cuts, group_runs(cuts, sizes, group_of), strict=True)
+        )
         self._scratch: Tensor | None = None
         self._scratch_parts: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}
 
@@ -191,8 +205,7 @@ class Layout:
         lo, hi, first = offsets[i], offsets[j], self._group_first[group]
         seg = self.buffer[lo:hi]
         wire = seg if self.wire is self.buffer else self.wire[lo:hi]
-        return Part(group, i, j, i - first, lo, hi, lo - offsets[first], self.names[i:j], seg, wire,
-                    self.views[i:j])
+        return Part(group, i, j, i - first, lo, hi, lo - offsets[first], self.names[i:j], seg, wire, self.views[i:j])
 
     @property
     def wire_slots(self) -> Tensor:

@@ -35,8 +35,9 @@ class FedAvg:
         return average
 
 
-def write_back(part: Part, new: Tensor, new_views: Sequence[Tensor], clients: Sequence[Sequence[Tensor]],
-               aliased: bool) -> None:
+def write_back(
+    part: Part, new: Tensor, new_views: Sequence[Tensor], clients: Sequence[Sequence[Tensor]], aliased: bool
+) -> None:
     """Write a part's new value (``new``, and per parameter ``new_views``) into every hosted client's
     parameters (layout order). Aliased: the only client is the buffer, so one copy, unless already there."""
     if aliased:

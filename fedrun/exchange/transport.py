@@ -52,8 +52,7 @@ class Transport:
             for bucket in buckets:
                 fill(bucket)
                 if not alone:
-                    handles.append(dist.all_reduce(bucket.wire, op=dist.ReduceOp.SUM, group=self.group,
-                                                   async_op=True))
+                    handles.append(dist.all_reduce(bucket.wire, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         except BaseException:
             for h in handles:
                 with contextlib.suppress(Exception):

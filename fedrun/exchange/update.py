@@ -35,8 +35,14 @@ class Update:
     wire_dtype: torch.dtype | None
     """dtype on the wire; None = the buffer's (at least fp32)."""
 
-    def accumulate(self, layout: Layout, part: Part, contributors: Sequence[tuple[int, float]],
-                   sources: Mapping[int, Sequence[Tensor]], ref: Tensor | None) -> None:
+    def accumulate(
+        self,
+        layout: Layout,
+        part: Part,
+        contributors: Sequence[tuple[int, float]],
+        sources: Mapping[int, Sequence[Tensor]],
+        ref: Tensor | None,
+    ) -> None:
         """part.seg = sum_k p_k u_k over ``contributors`` (client, p_k), theta_k = the part's parameters of
         ``sources[k]`` (layout order), ``ref`` the part's reference (with ``changes``); then part.wire =
         part.seg rounded once to the wire's dtype. No contributor: the wire gets zeros.

@@ -112,16 +112,19 @@ class WeightSumError(RuntimeError):
     """The weight slots of a group did not sum to 1 over the ranks."""
 
 
-def check_weight_sums(round: int, groups: Sequence[str], sums: Sequence[float], tol: float,
-                      written: bool) -> None:
+def check_weight_sums(round: int, groups: Sequence[str], sums: Sequence[float], tol: float, written: bool) -> None:
     """WeightSumError unless every group's weight slots, summed over the ranks, are 1 to ``tol``.
     ``written``: this rank's shared parameters were already scaled in place (the error then says that they
     are no longer valid)."""
     for g, got in zip(groups, sums, strict=True):
         if abs(got - 1.0) > tol:
-            msg = (f"round {round}: the FedAvg weights of {g!r} sum to {got:.6g} over the ranks, not 1: "
-                   "ranks disagree about the round plan or the hosted clients")
+            msg = (
+                f"round {round}: the FedAvg weights of {g!r} sum to {got:.6g} over the ranks, not 1: "
+                "ranks disagree about the round plan or the hosted clients"
+            )
             if written:
-                msg += ("; this rank's shared parameters were averaged in place and are no longer valid: "
-                        "resume from the last checkpoint")
+                msg += (
+                    "; this rank's shared parameters were averaged in place and are no longer valid: "
+                    "resume from the last checkpoint"
+                )
             raise WeightSumError(msg)
