@@ -9,10 +9,8 @@ whether a command needs torch at all.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,14 @@ from typing import Any
 
 from fedrun.methods import METHOD_NAMES, USPLIT_TRAIN
 from fedrun.partition import KINDS as PARTITIONS
-from fedrun.validation import ConfigError, check, check_types, choice  # ConfigError: imported from here too
+from fedrun.validation import (  # ConfigError: imported from here too
+    ConfigError,
+    check,
+    check_types,
+    choice,
+    parse_value,
+    unknown_name_message,
+)
 from unet import ARCHS  # torch-free: unet's names are lazy
 
 # Choice lists this module owns (the others come from the module that gives them meaning, above).
@@ -321,59 +326,9 @@ def field_names(cfg: Any = None, prefix: str = "") -> list[str]:
     return out
 
 
-def suggest_fields(key: str, n: int = 3) -> list[str]:
-    """The known field names nearest to ``key``, best first: the same leaf in another section ('rounds' ->
-    'federation.rounds'), else fields whose name has it as a word ('ema' -> 'optim.ema_decay'), else the
-    closest spellings of the leaf (difflib), within the section when it names one."""
-    known = field_names()
-    section, _, leaf = key.rpartition(".")
-    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]
-    if same_leaf:
-        return same_leaf[:n]
-    words = [k for k in known if leaf in k.rpartition(".")[2].split("_")]
-    if words:
-        return words[:n]
-    pool = [k for k in known if k.rpartition(".")[0] == section] or known
-    leaves = {k.rpartition(".")[2]: k for k in pool}
-    return [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.6)]
-
-
 def unknown_field_message(key: str) -> str:
     """One line: 'unknown config field 'optim.lrr' (did you mean optim.lr?)'."""
-    close = suggest_fields(key)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else " (`fedrun config` prints every field)"
-    return f"unknown config field {key!r}{hint}"
-
-
-def _parse_value(text: Any, tp: Any, name: str) -> Any:
-    if not isinstance(text, str):
-        return text
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (types.UnionType, typing.Union):
-        if text.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse_value(text, inner[0], name)
-    try:
-        if tp is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-        if tp is str:
-            return text
-        if origin is tuple:
-            return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"invalid {name}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
-    return text
+    return unknown_name_message(key, field_names())
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -390,7 +345,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             node = node[p]
             cls = typing.get_type_hints(cls)[p]
         tp = typing.get_type_hints(cls)[parts[-1]]
-        node[parts[-1]] = _parse_value(value, tp, key)
+        node[parts[-1]] = parse_value(value, tp, key)
     return RunConfig.from_dict(d)
 
 
@@ -418,5 +373,5 @@ def _from_dict(cls: Any, d: Any, prefix: str) -> Any:
         elif isinstance(v, list) and any(typing.get_origin(a) is tuple for a in typing.get_args(t)):
             kwargs[k] = tuple(v)
         else:
-            kwargs[k] = _parse_value(v, t, prefix + k) if isinstance(v, str) and t is not str else v
+            kwargs[k] = parse_value(v, t, prefix + k) if isinstance(v, str) and t is not str else v
     return cls(**kwargs)

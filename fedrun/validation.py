@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any
@@ -60,3 +61,60 @@ def check_types(section: Any, prefix: str) -> None:
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         check(is_a(value, hints[f.name]), prefix + f.name, value, "expected " + describe_type(hints[f.name]))
+
+
+def suggest_fields(key: str, known: list[str], n: int = 3) -> list[str]:
+    """The known field names nearest to ``key``, best first: the same leaf in another section ('rounds' ->
+    'federation.rounds'), else fields whose name has it as a word ('ema' -> 'optim.ema_decay'), else the
+    closest spellings of the leaf (difflib), within the section when it names one; ``known``: every dotted
+    field name."""
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        return same_leaf[:n]
+    words = [k for k in known if leaf in k.rpartition(".")[2].split("_")]
+    if words:
+        return words[:n]
+    pool = [k for k in known if k.rpartition(".")[0] == section] or known
+    leaves = {k.rpartition(".")[2]: k for k in pool}
+    return [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=n, cutoff=0.6)]
+
+
+def unknown_name_message(key: str, known: list[str]) -> str:
+    """One line: 'unknown config field 'optim.lrr' (did you mean optim.lr?)', ``known`` the dotted field names."""
+    close = suggest_fields(key, known)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else " (`fedrun config` prints every field)"
+    return f"unknown config field {key!r}{hint}"
+
+
+def parse_value(text: Any, tp: Any, name: str) -> Any:
+    """A string from the command line or a config file as a value of the declared type ``tp`` (none/null for
+    an optional field, '1,2,4' for a tuple); any other value is returned as it is."""
+    if not isinstance(text, str):
+        return text
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if text.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(text, inner[0], name)
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is tuple:
+            return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"invalid {name}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
+    return text
