@@ -54,13 +54,24 @@ H100_ANCHORS = {"fp32": 1431.0, "bf16": 2271.0, "bf16+compile": 2866.0}
 
 # google/ddpm-cifar10-32's config.json (35,746,307 parameters, the same network as unet.DDPMUNet).
 DIFFUSERS_DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=2,
     block_out_channels=(128, 256, 256, 256),
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    act_fn="silu", attention_head_dim=None, center_input_sample=False, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32,
-    resnet_time_scale_shift="default", time_embedding_type="positional",
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    resnet_time_scale_shift="default",
+    time_embedding_type="positional",
 )
 
 
@@ -95,8 +106,15 @@ def build(arch: str, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def eager_fp32(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: int,
-               diffusion: GaussianDiffusion, device: torch.device) -> Callable[[], None]:
+def eager_fp32(
+    arch: str,
+    images: torch.Tensor,
+    batch: int,
+    warmup: int,
+    iters: int,
+    diffusion: GaussianDiffusion,
+    device: torch.device,
+) -> Callable[[], None]:
     """The paper's step: fp32, NCHW, default Adam, the loss read back to the host every step."""
     model = build(arch, device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -108,7 +126,7 @@ def eager_fp32(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: 
         for _ in range(n):
             if state["pos"] + batch > images.shape[0]:
                 state["perm"], state["pos"] = torch.randperm(images.shape[0], device=device, generator=gen), 0
-            idx = state["perm"][state["pos"]: state["pos"] + batch]
+            idx = state["perm"][state["pos"] : state["pos"] + batch]
             state["pos"] += batch
             x0 = images[idx].float().div_(127.5).sub_(1.0)
             loss = diffusion.training_loss(model, x0, generator=gen)
@@ -121,19 +139,30 @@ def eager_fp32(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: 
     return lambda: steps(iters)
 
 
-def optimised(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: int,
-              diffusion: GaussianDiffusion, device: torch.device, amp: torch.dtype | None,
-              compile_model: bool = False, ema_decay: float | None = None) -> Callable[[], None]:
+def optimised(
+    arch: str,
+    images: torch.Tensor,
+    batch: int,
+    warmup: int,
+    iters: int,
+    diffusion: GaussianDiffusion,
+    device: torch.device,
+    amp: torch.dtype | None,
+    compile_model: bool = False,
+    ema_decay: float | None = None,
+) -> Callable[[], None]:
     """The project's step: LocalTrainer, set up as fedrun.train does; one round = ``iters`` steps."""
     model = build(arch, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_model else model
-    cfg = StepConfig(lr=1e-4, batch_size=batch, local_epochs=1e9, max_local_steps=warmup,
-                     keep_opt_state=False, amp_dtype=amp, seed=0)
+    cfg = StepConfig(
+        lr=1e-4, batch_size=batch, local_epochs=1e9, max_local_steps=warmup, keep_opt_state=False, amp_dtype=amp, seed=0
+    )
     trainer = LocalTrainer(net, diffusion, cfg, device, alias_client=0)
-    client = ClientState(cid=0, params=trainer.new_client_params(0), images=images,
-                         ema=EMA(model, ema_decay) if ema_decay else None)
+    client = ClientState(
+        cid=0, params=trainer.new_client_params(0), images=images, ema=EMA(model, ema_decay) if ema_decay else None
+    )
     rounds = iter(range(1, 1 << 30))
     trainer.train_round(client, next(rounds))  # warmup (and compilation)
     cfg.max_local_steps = iters
@@ -148,18 +177,29 @@ def optimised(arch: str, images: torch.Tensor, batch: int, warmup: int, iters: i
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--archs", default="paper-unet,ddpm-unet,diffusers",
-                   help="comma-separated: paper-unet, ddpm-unet, diffusers (skipped when not installed)")
+    p.add_argument(
+        "--archs",
+        default="paper-unet,ddpm-unet,diffusers",
+        help="comma-separated: paper-unet, ddpm-unet, diffusers (skipped when not installed)",
+    )
     p.add_argument("--batch", type=int, help="batch size (default: 128 on GPU, 16/4 on CPU)")
     p.add_argument("--warmup", type=int, help="warmup steps per mode")
     p.add_argument("--iters", type=int, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, help="timed repeats per mode, taking turns (median reported)")
-    p.add_argument("--amp", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="autocast of the optimised step: auto = bf16 on GPU, fp32 on CPU (as optim.amp)")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="autocast of the optimised step: auto = bf16 on GPU, fp32 on CPU (as optim.amp)",
+    )
     p.add_argument("--compile", action="store_true", help="add the optimised step with torch.compile")
     p.add_argument("--ema", type=float, metavar="DECAY", help="add the optimised step with a per-step EMA")
-    p.add_argument("--tolerance", type=float, default=0.03,
-                   help="'not slower' targets pass at ratio >= 1 - tolerance (timing noise of a shared CPU)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.03,
+        help="'not slower' targets pass at ratio >= 1 - tolerance (timing noise of a shared CPU)",
+    )
     args = parse_args(p, argv)
 
     device = pick_device(args.device)
@@ -183,29 +223,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, results = [], []
     for arch in archs:
         size, channels, n_images = ARCHS[arch]
-        batch, warmup, iters = QUICK if args.quick else (GPU_DEFAULTS if device.type == "cuda"
-                                                         else CPU_DEFAULTS)[arch]
+        batch, warmup, iters = QUICK if args.quick else (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)[arch]
         batch, warmup, iters = args.batch or batch, args.warmup or warmup, args.iters or iters
         n_images = max(4 * batch, 64) if args.quick else n_images
         gen = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (n_images, channels, size, size), dtype=torch.uint8,
-                               generator=gen).to(device)
-        runners = {"eager-fp32": eager_fp32(arch, images, batch, warmup, iters, diffusion, device),
-                   "optimised": optimised(arch, images, batch, warmup, iters, diffusion, device, amp)}
+        images = torch.randint(0, 256, (n_images, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
+        runners = {
+            "eager-fp32": eager_fp32(arch, images, batch, warmup, iters, diffusion, device),
+            "optimised": optimised(arch, images, batch, warmup, iters, diffusion, device, amp),
+        }
         if args.compile:
-            runners["optimised+compile"] = optimised(arch, images, batch, warmup, iters, diffusion, device,
-                                                     amp, compile_model=True)
+            runners["optimised+compile"] = optimised(
+                arch, images, batch, warmup, iters, diffusion, device, amp, compile_model=True
+            )
         if args.ema:
-            runners["optimised+ema"] = optimised(arch, images, batch, warmup, iters, diffusion, device, amp,
-                                                 ema_decay=args.ema)
+            runners["optimised+ema"] = optimised(
+                arch, images, batch, warmup, iters, diffusion, device, amp, ema_decay=args.ema
+            )
         seconds = time_interleaved(runners, repeats, device)
         base = batch * iters / median(seconds["eager-fp32"])
         for mode, secs in seconds.items():
             ips = batch * iters / median(secs)
             label = "fp32" if mode == "eager-fp32" else amp_name + mode.removeprefix("optimised")
-            results.append({"arch": arch, "mode": mode, "precision": label, "batch": batch, "iters": iters,
-                            "repeats": repeats, "seconds": secs, "img_per_s": ips,
-                            "ratio_vs_eager": ips / base})
+            results.append(
+                {
+                    "arch": arch,
+                    "mode": mode,
+                    "precision": label,
+                    "batch": batch,
+                    "iters": iters,
+                    "repeats": repeats,
+                    "seconds": secs,
+                    "img_per_s": ips,
+                    "ratio_vs_eager": ips / base,
+                }
+            )
             rows.append([arch, mode, label, batch, ips, ips / base])
         del runners, images
         if device.type == "cuda":
@@ -216,36 +268,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets = []
     if device.type == "cpu":  # the ISSUE's CPU target is about the project's own models
         for arch in (a for a in archs if a != "diffusers"):
-            targets.append(check(f"cpu {arch}: optimised / eager-fp32 img/s (not slower, {tol:.0%} noise "
-                                 "allowance)", ips[(arch, "optimised")] / ips[(arch, "eager-fp32")], ">=",
-                                 1 - tol))
+            targets.append(
+                check(
+                    f"cpu {arch}: optimised / eager-fp32 img/s (not slower, {tol:.0%} noise allowance)",
+                    ips[(arch, "optimised")] / ips[(arch, "eager-fp32")],
+                    ">=",
+                    1 - tol,
+                )
+            )
     vs_diffusers = []
     if "diffusers" in archs and "ddpm-unet" in archs:
         for mode in sorted({m for a, m in ips if a == "ddpm-unet"}):
             r = ips[("ddpm-unet", mode)] / ips[("diffusers", mode)]
             vs_diffusers.append([mode, ips[("ddpm-unet", mode)], ips[("diffusers", mode)], r])
         best = max(v for (a, _), v in ips.items() if a == "ddpm-unet")
-        targets.append(check("ddpm-unet fastest step / diffusers UNet2DModel fastest step (not slower, "
-                             f"{tol:.0%} noise allowance)",
-                             best / max(v for (a, _), v in ips.items() if a == "diffusers"), ">=", 1 - tol))
+        targets.append(
+            check(
+                f"ddpm-unet fastest step / diffusers UNet2DModel fastest step (not slower, {tol:.0%} noise allowance)",
+                best / max(v for (a, _), v in ips.items() if a == "diffusers"),
+                ">=",
+                1 - tol,
+            )
+        )
 
-    tables = [(f"Training step throughput on {device} (median of {repeats} repeats; "
-               "ratio = img/s / eager-fp32 of the same model)",
-               ["model", "mode", "precision", "batch", "img/s", "ratio"], rows)]
+    tables = [
+        (
+            f"Training step throughput on {device} (median of {repeats} repeats; "
+            "ratio = img/s / eager-fp32 of the same model)",
+            ["model", "mode", "precision", "batch", "img/s", "ratio"],
+            rows,
+        )
+    ]
     if vs_diffusers:
-        tables.append(("Project ddpm-unet vs diffusers UNet2DModel (same config, same device, same mode)",
-                       ["mode", "ddpm-unet img/s", "diffusers img/s", "ratio"], vs_diffusers))
+        tables.append(
+            (
+                "Project ddpm-unet vs diffusers UNet2DModel (same config, same device, same mode)",
+                ["mode", "ddpm-unet img/s", "diffusers img/s", "ratio"],
+                vs_diffusers,
+            )
+        )
     if device.type == "cuda":
         anchors = [[k, v] for k, v in H100_ANCHORS.items()]
-        tables.append(("ISSUE anchors (H100 80GB, batch 128, diffusers UNet2DModel): comparable only on an "
-                       "H100 at batch 128", ["precision", "img/s"], anchors))
+        tables.append(
+            (
+                "ISSUE anchors (H100 80GB, batch 128, diffusers UNet2DModel): comparable only on an H100 at batch 128",
+                ["precision", "img/s"],
+                anchors,
+            )
+        )
     if skipped:
         print("skipped: " + "; ".join(skipped))
-    payload = {"config": {"device": str(device), "amp": amp_name, "compile": args.compile, "ema": args.ema,
-                          "repeats": repeats, "quick": args.quick, "skipped": skipped},
-               "results": results,
-               "ratios": {f"{r['arch']}/{r['mode']}": r["ratio_vs_eager"] for r in results},
-               "vs_diffusers": {row[0]: row[3] for row in vs_diffusers}}
+    payload = {
+        "config": {
+            "device": str(device),
+            "amp": amp_name,
+            "compile": args.compile,
+            "ema": args.ema,
+            "repeats": repeats,
+            "quick": args.quick,
+            "skipped": skipped,
+        },
+        "results": results,
+        "ratios": {f"{r['arch']}/{r['mode']}": r["ratio_vs_eager"] for r in results},
+        "vs_diffusers": {row[0]: row[3] for row in vs_diffusers},
+    }
     return report("bench_step", device_info(device), tables, targets, payload, args.json)
 
 

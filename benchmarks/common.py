@@ -138,9 +138,7 @@ def check(name: str, value: float, op: str, limit: float) -> Target:
 
 
 def format_targets(targets: Sequence[Target]) -> str:
-    return "\n".join(
-        f"{'PASS' if t.passed else 'FAIL'}  {t.name}: {t.value:.4f} {t.op} {t.limit:g}" for t in targets
-    )
+    return "\n".join(f"{'PASS' if t.passed else 'FAIL'}  {t.name}: {t.value:.4f} {t.op} {t.limit:g}" for t in targets)
 
 
 def report(
@@ -194,8 +192,9 @@ def free_port() -> int:
 
 def _rank_entry(rank: int, world_size: int, port: int, device: str, out: str, worker: Callable, args: tuple):
     # The environment torchrun would export; fedrun.dist then owns the process group (NCCL with CUDA).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     from fedrun import dist
 
@@ -216,6 +215,11 @@ def spawn_ranks(worker: Callable, world_size: int, device: str, *args: Any) -> A
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        mp.start_processes(_rank_entry, args=(world_size, free_port(), device, out, worker, args),
-                           nprocs=world_size, join=True, start_method="spawn")
+        mp.start_processes(
+            _rank_entry,
+            args=(world_size, free_port(), device, out, worker, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
         return json.loads(Path(out).read_text())

@@ -46,73 +46,140 @@ def _positive_int(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the eval, fid and report subcommands to ``fedrun``'s subparsers."""
-    p = sub.add_parser("eval", help="sample a finished run's models and score their FID and KID",
-                       description="Sample every model of RUN_DIR and score FID and KID (for UDec/ULatDec: "
-                                   "each client's, their mean ± std, and the pooled samples of all clients); "
-                                   "writes RUN_DIR/fid.json, fid/<weights> to RUN_DIR/scores (TensorBoard) and "
-                                   "samples to RUN_DIR/eval/. " + FID_FLOOR_NOTE + "; KID has no such floor.")
+    _register_eval(sub)
+    _register_fid(sub)
+    _register_report(sub)
+
+
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="sample a finished run's models and score their FID and KID",
+        description="Sample every model of RUN_DIR and score FID and KID (for UDec/ULatDec: "
+        "each client's, their mean ± std, and the pooled samples of all clients); "
+        "writes RUN_DIR/fid.json, fid/<weights> to RUN_DIR/scores (TensorBoard) and "
+        "samples to RUN_DIR/eval/. " + FID_FLOOR_NOTE + "; KID has no such floor.",
+    )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    p.add_argument("--num-samples", type=_positive_int, default=None,
-                   help="samples per model (default 1000, the paper's)")
-    p.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="ddpm (default): ancestral over all T steps (the paper's sampler); ddpm-clip: the same "
-                        "with x0 clipped to [-1, 1] each step (Ho et al.'s code); ddim: --steps steps")
+    p.add_argument(
+        "--num-samples", type=_positive_int, default=None, help="samples per model (default 1000, the paper's)"
+    )
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="ddpm (default): ancestral over all T steps (the paper's sampler); ddpm-clip: the same "
+        "with x0 clipped to [-1, 1] each step (Ho et al.'s code); ddim: --steps steps",
+    )
     p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
-                   help="which weights to score (default: both when EMA files exist, else raw)")
-    p.add_argument("--ref", default=None,
-                   help="reference: DATASET:SPLIT (default: the run dataset's test split), a statistics "
-                        ".npz, an image folder or an .npz of images. " + KID_FEATURES_HELP)
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_CHOICES,
+        default=None,
+        help="which weights to score (default: both when EMA files exist, else raw)",
+    )
+    p.add_argument(
+        "--ref",
+        default=None,
+        help="reference: DATASET:SPLIT (default: the run dataset's test split), a statistics "
+        ".npz, an image folder or an .npz of images. " + KID_FEATURES_HELP,
+    )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
-    p.add_argument("--stage", choices=STAGES, default="all",
-                   help="all: sample and score; sample: only write eval/samples_*.npz (no Inception weights "
-                        "needed, e.g. on a GPU node); score: score those saved samples (e.g. on another machine)")
+    p.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="all",
+        help="all: sample and score; sample: only write eval/samples_*.npz (no Inception weights "
+        "needed, e.g. on a GPU node); score: score those saved samples (e.g. on another machine)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=250, help="sampling batch size per rank")
     p.add_argument("--fid-batch-size", type=_positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: each rank its GPU)")
     p.add_argument("--data-root", default=None, help="dataset root (default: the run's data.root)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)")
-    p.add_argument("--dist-timeout-s", type=_positive_int, default=None, metavar="S",
-                   help="bound on every collective under torchrun (default: the run's dist_timeout_s)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)",
+    )
+    p.add_argument(
+        "--dist-timeout-s",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="bound on every collective under torchrun (default: the run's dist_timeout_s)",
+    )
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("fid", help="FID and KID between two image sources (like python -m pytorch_fid)",
-                       description="FID and KID of A against B (KID first, the FID line last as pytorch-fid "
-                                   "prints it). A source is an image folder, an .npz of uint8 images (key x, "
-                                   "N x C x H x W), a statistics .npz (mu, sigma, and features when fedrun "
-                                   "wrote it) or a dataset split: "
-                                   + ", ".join(f"{d}:test" for d in known_datasets()) + " (or :train). "
-                                   + KID_FEATURES_HELP + ".")
+
+def _register_fid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fid",
+        help="FID and KID between two image sources (like python -m pytorch_fid)",
+        description="FID and KID of A against B (KID first, the FID line last as pytorch-fid "
+        "prints it). A source is an image folder, an .npz of uint8 images (key x, "
+        "N x C x H x W), a statistics .npz (mu, sigma, and features when fedrun "
+        "wrote it) or a dataset split: "
+        + ", ".join(f"{d}:test" for d in known_datasets())
+        + " (or :train). "
+        + KID_FEATURES_HELP
+        + ".",
+    )
     p.add_argument("sources", nargs=2, metavar="SRC", help="two sources (with --save-stats: SRC OUT.npz)")
-    p.add_argument("--save-stats", action="store_true",
-                   help="write the statistics of the first source to the second path instead of scoring: "
-                        "pytorch-fid's format (mu, sigma) plus the Inception features KID needs (80 MB for "
-                        "10,000 images; pytorch-fid ignores them)")
-    p.add_argument("--no-features", action="store_true",
-                   help="with --save-stats: mu and sigma only (a small file; FID against it, but no KID)")
-    p.add_argument("--num", "--limit", dest="limit", type=_positive_int, default=None,
-                   help="take at most this many images from each source (the first ones)")
+    p.add_argument(
+        "--save-stats",
+        action="store_true",
+        help="write the statistics of the first source to the second path instead of scoring: "
+        "pytorch-fid's format (mu, sigma) plus the Inception features KID needs (80 MB for "
+        "10,000 images; pytorch-fid ignores them)",
+    )
+    p.add_argument(
+        "--no-features",
+        action="store_true",
+        help="with --save-stats: mu and sigma only (a small file; FID against it, but no KID)",
+    )
+    p.add_argument(
+        "--num",
+        "--limit",
+        dest="limit",
+        type=_positive_int,
+        default=None,
+        help="take at most this many images from each source (the first ones)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=50, help="Inception batch size")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--data-root", default=None, help="dataset root (default: $FEDRUN_DATA)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)",
+    )
     p.set_defaults(func=run_fid)
 
-    p = sub.add_parser("report", help="Table 1 (FID and KID; Markdown + CSV) and Figure 4 (PNG) of a sweep",
-                       description="Table 1 of SWEEP_DIR's runs: N, FID and KID x 10^3, mean ± std over seeds "
-                                   "(UDec/ULatDec: over clients and seeds, with the score of the pooled samples "
-                                   "of all clients beside it), and Figure 4. Runs that differ in any setting "
-                                   "(a config field that changes training, or the evaluation protocol) are "
-                                   "never merged: each such field becomes a column of the rows.")
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="Table 1 (FID and KID; Markdown + CSV) and Figure 4 (PNG) of a sweep",
+        description="Table 1 of SWEEP_DIR's runs: N, FID and KID x 10^3, mean ± std over seeds "
+        "(UDec/ULatDec: over clients and seeds, with the score of the pooled samples "
+        "of all clients beside it), and Figure 4. Runs that differ in any setting "
+        "(a config field that changes training, or the evaluation protocol) are "
+        "never merged: each such field becomes a column of the rows.",
+    )
     p.add_argument("sweep_dir", type=Path, metavar="SWEEP_DIR")
     p.add_argument("--csv", type=Path, default=None, help="CSV path (default SWEEP_DIR/table1.csv)")
     p.add_argument("--figure", type=Path, default=None, help="Figure 4 path (default SWEEP_DIR/figure4.png)")
-    p.add_argument("--k", type=_positive_int, default=None,
-                   help="clients K of the Figure 4 curves (default 5, else the largest K)")
-    p.add_argument("--weights", choices=WEIGHT_KINDS, default=None,
-                   help="scores of these weights (default: each run's headline, EMA when evaluated)")
+    p.add_argument(
+        "--k", type=_positive_int, default=None, help="clients K of the Figure 4 curves (default 5, else the largest K)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_KINDS,
+        default=None,
+        help="scores of these weights (default: each run's headline, EMA when evaluated)",
+    )
     p.add_argument("--digits", type=int, default=1, help="decimals of the Markdown FID and KID x 10^3 cells")
     p.set_defaults(func=run_report)
 
@@ -133,11 +200,21 @@ def run_eval(args: argparse.Namespace) -> int:
     except (EvalError, RuntimeError, ValueError) as e:
         return _error(e)
     try:
-        out = evaluate_run(run.root, num_samples=args.num_samples, ref=args.ref, sampler=args.sampler,
-                           steps=args.steps, weights=args.weights, device=ctx.device,
-                           batch_size=args.batch_size, seed=args.seed, data_root=args.data_root,
-                           inception_weights=args.inception_weights, fid_batch_size=args.fid_batch_size,
-                           stage=args.stage)
+        out = evaluate_run(
+            run.root,
+            num_samples=args.num_samples,
+            ref=args.ref,
+            sampler=args.sampler,
+            steps=args.steps,
+            weights=args.weights,
+            device=ctx.device,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            data_root=args.data_root,
+            inception_weights=args.inception_weights,
+            fid_batch_size=args.fid_batch_size,
+            stage=args.stage,
+        )
     except EvalError as e:
         return _error(e)
     finally:
@@ -188,8 +265,14 @@ def run_fid(args: argparse.Namespace) -> int:
         device = dist.pick_device(args.device)
     except (RuntimeError, ValueError) as e:
         return _error(e)
-    kw = dict(data_root=args.data_root, limit=args.limit, batch_size=args.batch_size, device=device,
-              weights=args.inception_weights, sink=sink)
+    kw = dict(
+        data_root=args.data_root,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=device,
+        weights=args.inception_weights,
+        sink=sink,
+    )
     try:
         src_a = parse_source(args.sources[0])
         if args.save_stats:
@@ -247,12 +330,15 @@ def run_report(args: argparse.Namespace) -> int:
         sink.info(f"wrote {report.write_csv(rows, args.csv or args.sweep_dir / 'table1.csv')}")
         unevaluated = [str(r.path) for r in runs if r.fid is None]
         if unevaluated:
-            sink.info(f"note: {len(unevaluated)} run(s) without fid.json (run `fedrun eval RUN_DIR`): "
-                      + listing(unevaluated))
+            sink.info(
+                f"note: {len(unevaluated)} run(s) without fid.json (run `fedrun eval RUN_DIR`): " + listing(unevaluated)
+            )
         no_kid = [str(r.path) for r in runs if r.fid is not None and not r.kid_values(args.weights)]
         if no_kid:
-            sink.info(f"note: {len(no_kid)} evaluated run(s) without KID (scored against a reference without "
-                      f"features; evaluate again with a dataset split or images as --ref): {listing(no_kid)}")
+            sink.info(
+                f"note: {len(no_kid)} evaluated run(s) without KID (scored against a reference without "
+                f"features; evaluate again with a dataset split or images as --ref): {listing(no_kid)}"
+            )
         k = args.k or figure4.default_figure_k(runs)
         if k is None:
             sink.info("note: no comm.jsonl with K > 1: Figure 4 skipped")

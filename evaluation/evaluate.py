@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,17 @@ from torch import Tensor
 from evaluation.errors import EvalError
 from evaluation.fid import Reference
 from evaluation.inception import find_inception_weights, inception_features
-from evaluation.metrics import Scores, kid_protocol, score_features
+from evaluation.metrics import score_features
 from evaluation.protocol import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SAMPLER,
     DEFAULT_SEED,
-    FID_FLOOR_NOTE,
     SAMPLES_JSON,
     STAGES,
     WEIGHT_KINDS,
-    WEIGHTS_FILENAME,
     Protocol,
 )
+from evaluation.records import ModelFiles, Outcome, Plan, write_samples_record, write_scores
 from evaluation.reference import stats_cache_dir
 from evaluation.sample import (
     load_weights,
@@ -57,11 +55,8 @@ from fedrun import dist
 from fedrun.build import build_diffusion, build_model, image_shape
 from fedrun.config import RunConfig
 from fedrun.methods import get_method
-from fedrun.output import Sink, TensorBoardSink, rank_sink
-from fedrun.rundir import RunDir, atomic_write_json
-
-ModelFiles = dict[str, list[tuple[str, Path]]]
-"""{weights kind: [(model label, file)]}: model weights, or saved samples."""
+from fedrun.output import Sink, rank_sink
+from fedrun.rundir import RunDir
 
 
 def load_run_config(run: RunDir) -> RunConfig:
@@ -71,43 +66,16 @@ def load_run_config(run: RunDir) -> RunConfig:
     return RunConfig.from_json(run.config.read_text())
 
 
-@dataclass
-class Plan:
-    """What one ``evaluate_run`` does."""
-
-    run: RunDir
-    cfg: RunConfig
-    stage: str
-    protocol: Protocol
-    files: ModelFiles
-    saved: bool
-    """True: ``files`` are samples saved by ``stage='sample'`` (stage 'score'), else model weights."""
-
-    @property
-    def score(self) -> bool:
-        return self.stage != "sample"
-
-
-@dataclass
-class Outcome:
-    """What ``evaluate_models`` found (on rank 0; empty elsewhere)."""
-
-    scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
-    """{kind: {label: FID and KID}}."""
-    pooled: dict[str, Scores] = field(default_factory=dict)
-    """{kind: scores of the pooled samples of all clients}: personalised methods only."""
-    pooled_samples: int = 0
-    """Samples behind each pooled score."""
-    no_kid: str = ""
-    """Why there is no KID (the reference has no features), else ''."""
-    mean_pixels: dict[str, dict[str, float]] = field(default_factory=dict)
-    """{kind: {label: mean sample pixel, 0-255}}."""
-    written: dict[str, dict[str, str]] = field(default_factory=dict)
-    """{kind: {label: samples file name in eval/}}."""
-
-
-def plan_evaluation(run: RunDir, stage: str, num_samples: int | None, sampler: str | None, steps: int | None,
-                    weights: str | None, seed: int | None, batch_size: int) -> Plan:
+def plan_evaluation(
+    run: RunDir,
+    stage: str,
+    num_samples: int | None,
+    sampler: str | None,
+    steps: int | None,
+    weights: str | None,
+    seed: int | None,
+    batch_size: int,
+) -> Plan:
     """The protocol and files of an evaluation; None arguments take the defaults (or the saved samples')."""
     cfg = load_run_config(run)
     if stage not in STAGES:
@@ -116,8 +84,13 @@ def plan_evaluation(run: RunDir, stage: str, num_samples: int | None, sampler: s
         protocol, files = _saved_samples(run.eval, num_samples, sampler, steps, seed, weights)
         return Plan(run, cfg, stage, protocol, files, saved=True)
     sampler = sampler or DEFAULT_SAMPLER
-    protocol = Protocol(DEFAULT_NUM_SAMPLES if num_samples is None else num_samples, sampler,
-                        sampler_steps(sampler, steps), DEFAULT_SEED if seed is None else seed, batch_size)
+    protocol = Protocol(
+        DEFAULT_NUM_SAMPLES if num_samples is None else num_samples,
+        sampler,
+        sampler_steps(sampler, steps),
+        DEFAULT_SEED if seed is None else seed,
+        batch_size,
+    )
     if protocol.num_samples < 2:
         raise EvalError(f"invalid num_samples={protocol.num_samples}: FID needs at least 2")
     method = get_method(cfg.federation.method)
@@ -125,8 +98,14 @@ def plan_evaluation(run: RunDir, stage: str, num_samples: int | None, sampler: s
     return Plan(run, cfg, stage, protocol, files, saved=False)
 
 
-def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None, steps: int | None,
-                   seed: int | None, weights: str | None) -> tuple[Protocol, ModelFiles]:
+def _saved_samples(
+    eval_dir: Path,
+    num_samples: int | None,
+    sampler: str | None,
+    steps: int | None,
+    seed: int | None,
+    weights: str | None,
+) -> tuple[Protocol, ModelFiles]:
     """What ``stage='sample'`` recorded, checked against the sampling arguments given (None = not given)."""
     path = eval_dir / SAMPLES_JSON
     if not path.is_file():
@@ -138,8 +117,10 @@ def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None,
         given["steps"] = steps
     for key, value in given.items():
         if value is not None and value != proto[key]:
-            raise EvalError(f"--{key.replace('_', '-')} {value} differs from the saved samples' {proto[key]} "
-                            f"({path}): drop it, or sample again")
+            raise EvalError(
+                f"--{key.replace('_', '-')} {value} differs from the saved samples' {proto[key]} "
+                f"({path}): drop it, or sample again"
+            )
     # In WEIGHT_KINDS order, whatever the order of the JSON's keys (atomic_write_json sorts them).
     files = {k: rec["files"][k] for k in WEIGHT_KINDS if k in rec["files"]}
     if weights is not None:
@@ -151,26 +132,41 @@ def _saved_samples(eval_dir: Path, num_samples: int | None, sampler: str | None,
     absent = [name for entries in files.values() for name in entries.values() if not (eval_dir / name).is_file()]
     if absent:
         raise EvalError(f"saved sample file(s) missing from {eval_dir}: {', '.join(absent)}")
-    protocol = Protocol(proto["num_samples"], proto["sampler"], proto["steps"] if proto["sampler"] == "ddim" else None,
-                        proto["seed"], proto["batch_size"])
-    return protocol, {kind: [(label, eval_dir / name) for label, name in entries.items()]
-                      for kind, entries in files.items()}
+    protocol = Protocol(
+        proto["num_samples"],
+        proto["sampler"],
+        proto["steps"] if proto["sampler"] == "ddim" else None,
+        proto["seed"],
+        proto["batch_size"],
+    )
+    return protocol, {
+        kind: [(label, eval_dir / name) for label, name in entries.items()] for kind, entries in files.items()
+    }
 
 
-def prepare_reference(plan: Plan, ref: str, data_root: str | os.PathLike[str] | None, device: torch.device,
-                      sink: Sink, **kw: Any) -> Reference | None:
+def prepare_reference(
+    plan: Plan, ref: str, data_root: str | os.PathLike[str] | None, device: torch.device, sink: Sink, **kw: Any
+) -> Reference | None:
     """Reference statistics and features on rank 0 (None elsewhere), before any sampling, so that a missing
     data set fails at once. The outcome is shared, so no rank waits in a collective for a rank that has failed."""
     stats, error = None, None
     if dist.rank() == 0:
         try:
             # Cached in fedrun's cache, else in this run's eval/; never next to the data.
-            stats = reference_of_run(plan.cfg, ref, data_root=data_root, device=device, sink=sink,
-                                     cache_dirs=[stats_cache_dir(), plan.run.eval], **kw)
+            stats = reference_of_run(
+                plan.cfg,
+                ref,
+                data_root=data_root,
+                device=device,
+                sink=sink,
+                cache_dirs=[stats_cache_dir(), plan.run.eval],
+                **kw,
+            )
         except Exception as e:  # re-raised below on rank 0, reported on the others
             error = e
-    failed = dist.broadcast_json(None if error is None else f"{type(error).__name__}: {error}", str | None,
-                                 what="reference outcome")
+    failed = dist.broadcast_json(
+        None if error is None else f"{type(error).__name__}: {error}", str | None, what="reference outcome"
+    )
     if error is not None:
         raise error
     if failed:
@@ -185,13 +181,29 @@ def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) ->
     channels, size = image_shape(plan.cfg)
     p = plan.protocol
     model = load_weights(build_model(plan.cfg), path).to(device)
-    return sample_images(model, build_diffusion(plan.cfg), p.num_samples, (channels, size, size),
-                         sampler=p.sampler, steps=p.ddim_steps, batch_size=p.batch_size, device=device,
-                         seed=p.seed, progress=progress)
+    return sample_images(
+        model,
+        build_diffusion(plan.cfg),
+        p.num_samples,
+        (channels, size, size),
+        sampler=p.sampler,
+        steps=p.ddim_steps,
+        batch_size=p.batch_size,
+        device=device,
+        seed=p.seed,
+        progress=progress,
+    )
 
 
-def evaluate_models(plan: Plan, ref: Reference | None, device: torch.device, write: bool, progress: bool,
-                    batch_size: int = 50, weights: str | os.PathLike[str] | None = None) -> Outcome:
+def evaluate_models(
+    plan: Plan,
+    ref: Reference | None,
+    device: torch.device,
+    write: bool,
+    progress: bool,
+    batch_size: int = 50,
+    weights: str | os.PathLike[str] | None = None,
+) -> Outcome:
     """Sample (or load) and score every model in turn (``batch_size``, ``weights``: Inception's). Every model is
     sampled with the same seed (same noise), so raw vs EMA and client vs client differ only by the weights."""
     out = Outcome(no_kid=ref.no_kid if ref is not None else "")
@@ -211,86 +223,20 @@ def evaluate_models(plan: Plan, ref: Reference | None, device: torch.device, wri
             # Mean pixel (0-255): drifting brightness is a known failure of raw DDPM weights.
             out.mean_pixels[kind][label] = round(float(x.float().mean()), 3)
             if plan.score:
-                feats = inception_features(x, batch_size=batch_size, device=device, weights=weights,
-                                           progress=progress, desc=f"inception ({label}, {kind})")
+                feats = inception_features(
+                    x,
+                    batch_size=batch_size,
+                    device=device,
+                    weights=weights,
+                    progress=progress,
+                    desc=f"inception ({label}, {kind})",
+                )
                 out.scores.setdefault(kind, {})[label] = score_features(feats, ref)
                 if pool:  # float32 is exact: the network computes in float32
                     features.append(feats.astype(np.float32))
         if features:
             pooled = np.concatenate(features)
             out.pooled[kind], out.pooled_samples = score_features(pooled, ref), pooled.shape[0]
-    return out
-
-
-def _summary(per_model: dict[str, Scores], personalised: bool) -> dict[str, Any]:
-    """Mean and population std of the models' FIDs and KIDs: over the clients for one model per client, and for
-    one model its FID (std 0) and KID +- its std over the KID subsets. ``kid_models``: each model's KID."""
-    fids = [s.fid for s in per_model.values()]
-    out: dict[str, Any] = {"fid": float(np.mean(fids)), "fid_std": float(np.std(fids, ddof=0)),
-                           "per_client": fids if personalised else None,
-                           "models": {label: s.fid for label, s in per_model.items()},
-                           "kid": None, "kid_std": None, "kid_per_client": None, "kid_models": None}
-    kids = {label: s.kid for label, s in per_model.items() if s.kid is not None}
-    if kids:
-        means = [k.mean for k in kids.values()]
-        spread = float(np.std(means, ddof=0)) if personalised else next(iter(kids.values())).std
-        out.update(kid=float(np.mean(means)), kid_std=spread, kid_per_client=means if personalised else None,
-                   kid_models={label: {"kid": k.mean, "kid_std": k.std, "subset_size": k.subset_size}
-                               for label, k in kids.items()})
-    return out
-
-
-def _summaries(plan: Plan, outcome: Outcome) -> dict[str, dict[str, Any]]:
-    """Per weights kind: ``_summary`` of its models, their mean sample pixels and, for a personalised method,
-    the scores of the pooled samples of all clients (``pooled``; None otherwise)."""
-    personalised = get_method(plan.cfg.federation.method).personalised
-    results = {}
-    for kind, per_model in outcome.scores.items():
-        pooled = outcome.pooled.get(kind)
-        results[kind] = {**_summary(per_model, personalised), "mean_pixel": outcome.mean_pixels[kind],
-                         "pooled": None if pooled is None else {**pooled.record(),
-                                                                "num_samples": outcome.pooled_samples}}
-    return results
-
-
-def _run_facts(plan: Plan) -> dict[str, Any]:
-    fed = plan.cfg.federation
-    return {"method": fed.method, "clients": fed.clients, "rounds": fed.rounds}
-
-
-def write_samples_record(plan: Plan, outcome: Outcome) -> dict[str, Any]:
-    """eval/samples.json: what ``stage='score'`` needs to score the saved samples later."""
-    protocol = plan.protocol.record(plan.cfg.diffusion.timesteps, list(plan.files))
-    out = {"stage": "sample", "files": outcome.written, "mean_pixel": outcome.mean_pixels, **_run_facts(plan),
-           "protocol": protocol}
-    atomic_write_json(plan.run.eval / SAMPLES_JSON, out)
-    return out
-
-
-def write_scores(plan: Plan, outcome: Outcome, ref: str, write: bool) -> dict[str, Any]:
-    """fid.json and the fid/<weights>[/<client>] TensorBoard scalars (at step = rounds), headline EMA if any."""
-    results = _summaries(plan, outcome)
-    headline = "ema" if "ema" in results else "raw"
-    protocol = {**plan.protocol.record(plan.cfg.diffusion.timesteps, list(plan.files)), "reference": ref,
-                "inception": f"pytorch-fid InceptionV3 pool3 (2048-d), {WEIGHTS_FILENAME}", "note": FID_FLOOR_NOTE,
-                "kid": kid_protocol(), **({"sampled_apart": True} if plan.saved else {})}
-    top = results[headline]
-    # The headline weights' numbers at the top; kid_note says why KID is None (a reference without features).
-    out = {**{k: top[k] for k in ("fid", "fid_std", "per_client", "kid", "kid_std", "kid_per_client", "pooled")},
-           "headline_weights": headline, "results": results, **({"kid_note": outcome.no_kid} if outcome.no_kid else {}),
-           **_run_facts(plan), "protocol": protocol}
-    if write:
-        atomic_write_json(plan.run.fid_json, out)
-        # Its own events folder, purged from this step on: a repeated eval replaces its points (as fid.json).
-        tb = TensorBoardSink(plan.run.scores_tb, purge_step=plan.cfg.federation.rounds)
-        try:
-            for kind, r in results.items():
-                tb.scalar(f"fid/{kind}", r["fid"], plan.cfg.federation.rounds)
-                if r["per_client"] is not None:
-                    for label, v in r["models"].items():
-                        tb.scalar(f"fid/{kind}/{label}", v, plan.cfg.federation.rounds)
-        finally:
-            tb.close()
     return out
 
 

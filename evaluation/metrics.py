@@ -27,8 +27,12 @@ class Scores:
         """As fid.json holds one set's scores: fid, kid, kid_std (over the subsets) and kid_subset_size, the
         KID entries None without features."""
         k = self.kid
-        return {"fid": self.fid, "kid": None if k is None else k.mean, "kid_std": None if k is None else k.std,
-                "kid_subset_size": None if k is None else k.subset_size}
+        return {
+            "fid": self.fid,
+            "kid": None if k is None else k.mean,
+            "kid_std": None if k is None else k.std,
+            "kid_subset_size": None if k is None else k.subset_size,
+        }
 
 
 def kid_text(k: Kid) -> str:
@@ -38,8 +42,13 @@ def kid_text(k: Kid) -> str:
 
 def kid_protocol() -> dict[str, Any]:
     """fid.json's record of how KID is estimated."""
-    return {"kernel": KID_KERNEL, "estimator": "unbiased MMD^2", "subsets": KID_SUBSETS,
-            "max_subset_size": KID_SUBSET_SIZE, "seed": KID_SEED}
+    return {
+        "kernel": KID_KERNEL,
+        "estimator": "unbiased MMD^2",
+        "subsets": KID_SUBSETS,
+        "max_subset_size": KID_SUBSET_SIZE,
+        "seed": KID_SEED,
+    }
 
 
 def score_features(features: np.ndarray, ref: Reference) -> Scores:

@@ -52,7 +52,7 @@ class ThreadChoice:
         why = {
             "config": f"threads={self.threads}",
             "OMP_NUM_THREADS": f"from OMP_NUM_THREADS={self.omp_num_threads}"
-                               + (f", auto would give {self.auto}" if self.auto != self.threads else ""),
+            + (f", auto would give {self.auto}" if self.auto != self.threads else ""),
             "auto": "auto = cores / ranks on this node",
         }[self.source]
         if self.source != "OMP_NUM_THREADS" and self.omp_num_threads is not None:

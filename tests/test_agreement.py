@@ -28,14 +28,29 @@ def test_site_fields_are_real_fields_and_the_rest_is_hashed():
     assert set(agreement.SITE_FIELDS) <= set(field_names())
     assert all(reason for reason in agreement.SITE_FIELDS.values())  # each says why it may differ
     base = RunConfig()
-    site = apply_overrides(base, {"data.root": "/elsewhere", "out_dir": "/other", "name": "mine", "device": "cpu",
-                                  "optim.amp": "fp32", "data.placement": "host", "dist_timeout_s": 5,
-                                  "threads": 3})
+    site = apply_overrides(
+        base,
+        {
+            "data.root": "/elsewhere",
+            "out_dir": "/other",
+            "name": "mine",
+            "device": "cpu",
+            "optim.amp": "fp32",
+            "data.placement": "host",
+            "dist_timeout_s": 5,
+            "threads": 3,
+        },
+    )
     assert agreement.run_digest(site) == agreement.run_digest(base)
     # `--local-epochs 5` (a float) is the preset's 5 (an int): the same run
     assert agreement.run_digest(apply_overrides(base, {"federation.local_epochs": "5"})) == agreement.run_digest(base)
-    for field, value in (("optim.lr", "3e-4"), ("federation.rounds", "3"), ("checkpoint_every", "2"),
-                         ("fid_ref", "mnist:test"), ("model.dim_mults", "1,2")):
+    for field, value in (
+        ("optim.lr", "3e-4"),
+        ("federation.rounds", "3"),
+        ("checkpoint_every", "2"),
+        ("fid_ref", "mnist:test"),
+        ("model.dim_mults", "1,2"),
+    ):
         assert agreement.run_digest(apply_overrides(base, {field: value})) != agreement.run_digest(base), field
     # What a resume may change and what may differ between ranks are two questions: the rounds are one only.
     assert "federation.rounds" in RESUMABLE_CHANGES and "federation.rounds" not in agreement.SITE_FIELDS
@@ -45,8 +60,9 @@ def test_mismatch_message_names_fields_values_and_ranks():
     a = agreement.run_fields(RunConfig())
     b = agreement.run_fields(apply_overrides(RunConfig(), {"optim.lr": "3e-4", "federation.rounds": "3"}))
     msg = agreement.mismatch_message([a, a, b])
-    assert "federation.rounds (15 on ranks 0, 1, 3 on rank 2); optim.lr (0.0001 on ranks 0, 1, 0.0003 on rank 2)" \
-        in msg, msg
+    assert (
+        "federation.rounds (15 on ranks 0, 1, 3 on rank 2); optim.lr (0.0001 on ranks 0, 1, 0.0003 on rank 2)" in msg
+    ), msg
     assert "\n" not in msg and "data.root" in msg  # says what may differ
     assert "model.arch" not in msg
     lying = agreement.mismatch_message([a, {**a, "x" * 500: "y" * 500}])
@@ -76,22 +92,35 @@ def test_three_ranks_one_differs_same_line_everywhere(tmp_path):
 
 
 def _train(fmnist_root: Path, out_dir: Path, *extra: str) -> list[str]:
-    return ["-m", "fedrun", "train", *TINY, "--data-root", str(fmnist_root), "--out-dir", str(out_dir),
-            "--name", "run", *extra]
+    return [
+        "-m",
+        "fedrun",
+        "train",
+        *TINY,
+        "--data-root",
+        str(fmnist_root),
+        "--out-dir",
+        str(out_dir),
+        "--name",
+        "run",
+        *extra,
+    ]
 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flag, value, field, shown", [
-    ("--lr", "3e-4", "optim.lr", "0.0001 on rank 0, 0.0003 on rank 1"),
-    ("--rounds", "3", "federation.rounds", "2 on rank 0, 3 on rank 1"),
-])
+@pytest.mark.parametrize(
+    "flag, value, field, shown",
+    [
+        ("--lr", "3e-4", "optim.lr", "0.0001 on rank 0, 0.0003 on rank 1"),
+        ("--rounds", "3", "federation.rounds", "2 on rank 0, 3 on rank 1"),
+    ],
+)
 def test_two_sites_with_different_runs_stop_at_once(repo_root, tmp_path, flag, value, field, shown):
     """No data is read before the check, so a missing data set cannot hide the mismatch (nor is one needed)."""
     out = tmp_path / "runs"
     data = tmp_path / "no-data"
-    sites = run_sites([_train(data, out), _train(data, out, flag, value)], tmp_path, timeout_s=90,
-                      repo_root=repo_root)
+    sites = run_sites([_train(data, out), _train(data, out, flag, value)], tmp_path, timeout_s=90, repo_root=repo_root)
     for r, site in enumerate(sites):
         assert site.rc == 2, (r, site.rc, site.stderr[-3000:])
         assert "Traceback" not in site.stderr, site.stderr[-3000:]
@@ -106,10 +135,22 @@ def test_two_sites_with_different_runs_stop_at_once(repo_root, tmp_path, flag, v
 @pytest.mark.timeout(300)
 def test_two_sites_differing_only_in_site_fields_train(repo_root, fmnist_root, tmp_path):
     out = tmp_path / "runs"
-    site1 = ["--set", "data.placement=host", "--set", "dist_timeout_s=120", "--set", "optim.amp=fp32",
-             "--data-root", str(fmnist_root)]  # the same data, spelt as another site would
-    sites = run_sites([_train(fmnist_root, out), _train(Path(str(fmnist_root) + "/."), out, *site1)], tmp_path,
-                      timeout_s=240, repo_root=repo_root)
+    site1 = [
+        "--set",
+        "data.placement=host",
+        "--set",
+        "dist_timeout_s=120",
+        "--set",
+        "optim.amp=fp32",
+        "--data-root",
+        str(fmnist_root),
+    ]  # the same data, spelt as another site would
+    sites = run_sites(
+        [_train(fmnist_root, out), _train(Path(str(fmnist_root) + "/."), out, *site1)],
+        tmp_path,
+        timeout_s=240,
+        repo_root=repo_root,
+    )
     for site in sites:
         assert site.rc == 0, site.stderr[-3000:]
     assert (out / "run" / "DONE").is_file()

@@ -76,8 +76,9 @@ def test_missing_weights_offline_clear_message_no_traceback(tmp_path, repo_root)
     for name in ("a", "b"):
         np.savez(tmp_path / f"{name}.npz", x=np.zeros((3, 1, 8, 8), np.uint8))
     cmd = [sys.executable, "-m", "fedrun", "fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]
-    p = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root, tmp_path / "empty_home"), capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        cmd, cwd=repo_root, env=_env(repo_root, tmp_path / "empty_home"), capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     assert Inc.WEIGHTS_FILENAME in p.stderr and str(tmp_path / "empty_home" / "hub" / "checkpoints") in p.stderr
@@ -133,12 +134,29 @@ def test_fid_of_model(torch_home, fid_stats_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home, fid_stats_path, monkeypatch,
-                                                           capsys):
+def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home, fid_stats_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     run = _tiny_run(tmp_path)
-    rc = fedrun_main(["eval", str(run), "--num-samples", "8", "--sampler", "ddim", "--steps", "5",
-                      "--ref", str(fid_stats_path), "--device", "cpu", "--batch-size", "4", "--seed", "1"])
+    rc = fedrun_main(
+        [
+            "eval",
+            str(run),
+            "--num-samples",
+            "8",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "5",
+            "--ref",
+            str(fid_stats_path),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     out = json.loads((run / "fid.json").read_text())
@@ -146,8 +164,15 @@ def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home,
     assert f"(mean sample pixel {out['results']['raw']['mean_pixel']['global']:.1f} of 255)" in printed
     assert out["headline_weights"] == "raw" and list(out["results"]) == ["raw"]  # no EMA files
     assert np.isfinite(out["fid"]) and out["fid"] > 0 and out["fid_std"] == 0.0 and out["per_client"] is None
-    assert out["protocol"] == {**out["protocol"], "num_samples": 8, "reference": str(fid_stats_path),
-                               "sampler": "ddim", "steps": 5, "weights": ["raw"], "seed": 1}
+    assert out["protocol"] == {
+        **out["protocol"],
+        "num_samples": 8,
+        "reference": str(fid_stats_path),
+        "sampler": "ddim",
+        "steps": 5,
+        "weights": ["raw"],
+        "seed": 1,
+    }
     assert "15.5" in out["protocol"]["note"]
     with np.load(run / "eval" / "samples_global_raw.npz") as f:
         x = f["x"]
@@ -160,12 +185,20 @@ def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home,
 
 
 @pytest.mark.slow
-def test_eval_udec_run_reports_one_fid_per_client_raw_and_ema(tmp_path, torch_home, fid_stats_path,
-                                                              monkeypatch):
+def test_eval_udec_run_reports_one_fid_per_client_raw_and_ema(tmp_path, torch_home, fid_stats_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     run = _tiny_run(tmp_path, method="udec", ema=True)
-    out = evaluate_run(run, num_samples=6, ref=str(fid_stats_path), sampler="ddim", steps=3, weights=None,
-                       device="cpu", batch_size=6, seed=0)
+    out = evaluate_run(
+        run,
+        num_samples=6,
+        ref=str(fid_stats_path),
+        sampler="ddim",
+        steps=3,
+        weights=None,
+        device="cpu",
+        batch_size=6,
+        seed=0,
+    )
     assert list(out["results"]) == ["raw", "ema"] and out["headline_weights"] == "ema"
     for kind in ("raw", "ema"):
         r = out["results"][kind]
@@ -176,11 +209,21 @@ def test_eval_udec_run_reports_one_fid_per_client_raw_and_ema(tmp_path, torch_ho
     assert out["per_client"] == out["results"]["ema"]["per_client"]
     assert json.loads((run / "fid.json").read_text()) == out
     files = sorted(p.name for p in (run / "eval").iterdir())
-    assert files == sorted(f"{kind}_{c}_{w}.{ext}" for c in ("client0", "client1") for w in ("raw", "ema")
-                           for kind, ext in (("grid", "png"), ("samples", "npz")))
+    assert files == sorted(
+        f"{kind}_{c}_{w}.{ext}"
+        for c in ("client0", "client1")
+        for w in ("raw", "ema")
+        for kind, ext in (("grid", "png"), ("samples", "npz"))
+    )
     tags = _scalars(RunDir(run).scores_tb)
-    assert set(tags) == {"fid/raw", "fid/ema", "fid/raw/client0", "fid/raw/client1", "fid/ema/client0",
-                         "fid/ema/client1"}
+    assert set(tags) == {
+        "fid/raw",
+        "fid/ema",
+        "fid/raw/client0",
+        "fid/raw/client1",
+        "fid/ema/client0",
+        "fid/ema/client1",
+    }
     assert tags["fid/ema/client1"] == [pytest.approx(out["results"]["ema"]["per_client"][1])]
 
 
@@ -211,8 +254,9 @@ def test_eval_stage_sample_then_score_equals_one_go(tmp_path, torch_home, fid_st
         assert apart["results"][kind]["mean_pixel"]["global"] == pytest.approx(x.mean(), abs=1e-3)
 
     again = _tiny_run(tmp_path / "again", ema=True)
-    one_go = evaluate_run(again, num_samples=6, ref=str(fid_stats_path), sampler="ddim", steps=3, device="cpu",
-                          batch_size=6, seed=4)
+    one_go = evaluate_run(
+        again, num_samples=6, ref=str(fid_stats_path), sampler="ddim", steps=3, device="cpu", batch_size=6, seed=4
+    )
     for kind in ("raw", "ema"):
         assert apart["results"][kind]["fid"] == pytest.approx(one_go["results"][kind]["fid"], rel=1e-9)
     assert {k: v for k, v in apart["protocol"].items() if k != "sampled_apart"} == one_go["protocol"]

@@ -30,8 +30,16 @@ from fedrun import dist as fdist
 from fedrun.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
-OBJECT_COLLECTIVES = {"all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
-                      "send_object_list", "recv_object_list", "broadcast_object", "_all_gather_object"}
+OBJECT_COLLECTIVES = {
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+    "send_object_list",
+    "recv_object_list",
+    "broadcast_object",
+    "_all_gather_object",
+}
 
 
 def test_no_object_collective_and_no_pickle_in_the_runtime():
@@ -39,14 +47,24 @@ def test_no_object_collective_and_no_pickle_in_the_runtime():
     found = []
     for path in sorted([*(REPO / "fedrun").rglob("*.py"), *(REPO / "evaluation").rglob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
-            name = (node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name)
-                    else node.name if isinstance(node, ast.FunctionDef) else None)
+            name = (
+                node.attr
+                if isinstance(node, ast.Attribute)
+                else node.id
+                if isinstance(node, ast.Name)
+                else node.name
+                if isinstance(node, ast.FunctionDef)
+                else None
+            )
             if name in OBJECT_COLLECTIVES:
                 found.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mods = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-                found += [f"{path.relative_to(REPO)}:{node.lineno} imports {m}" for m in mods
-                          if m.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle")]
+                found += [
+                    f"{path.relative_to(REPO)}:{node.lineno} imports {m}"
+                    for m in mods
+                    if m.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle")
+                ]
     assert not found, "pickles between ranks:\n" + "\n".join(found)
 
 
@@ -88,8 +106,11 @@ def _cases(marker: str) -> list[tuple[str, Any, Any]]:
         ("negative", lambda: fdist.all_gather_json(1), lambda: _forge(b"", length=-5)),
         ("type", lambda: fdist.gather_dict({0: 0.5}, float), lambda: _forge(b'{"1":"0.5"}')),
         ("bool", lambda: fdist.all_gather_ints([3, None]), lambda: _forge(b"[null,true]")),
-        ("objects", lambda: fdist.gather_arrays({0: np.zeros(2, np.uint8)}),
-         lambda: (_forge(b'{"1":[[2],"|O"]}'), _forge(b"ab"))),
+        (
+            "objects",
+            lambda: fdist.gather_arrays({0: np.zeros(2, np.uint8)}),
+            lambda: (_forge(b'{"1":[[2],"|O"]}'), _forge(b"ab")),
+        ),
         ("broadcast", lambda: fdist.broadcast_json(None, bool, src=1), lambda: _forge_broadcast(p5)),
         ("signature", lambda: agreement.check_signature([("w", (2,), "f32")]), lambda: (_forge_digest(), _forge(p5))),
         ("config", lambda: agreement.check_run_config(cfg), lambda: (_forge_digest(), _forge(p0))),
@@ -114,16 +135,23 @@ def _forged_frames_scenario(ctx: fdist.DistContext, marker: str) -> dict:
 @pytest.mark.timeout(120)
 def test_forged_frames_are_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "PWNED"
-    results = spawn_ranks(2, partial(_forged_frames_scenario, marker=str(marker)), tmp_path, timeout_s=90,
-                          label="forged frames")
+    results = spawn_ranks(
+        2, partial(_forged_frames_scenario, marker=str(marker)), tmp_path, timeout_s=90, label="forged frames"
+    )
     seen = results[0]
     assert seen.pop("control") == {"value": [{"a": 1}, {"a": 2}]}  # the forged frames speak the real protocol
     expected = {
-        "pickle0": "rank 1 sent an invalid sizes (not JSON", "pickle5": "rank 1 sent an invalid round losses (not",
-        "ints": "rank 1 sent an invalid client sizes", "huge": f"rank 1 announced {2**40} bytes",
-        "negative": "rank 1 announced -5 bytes", "type": "['1']: expected float, got '0.5'",
-        "bool": "[1]: expected int", "objects": "dtype '|O'", "broadcast": "rank 1 sent an invalid value (not",
-        "signature": "rank 1 sent an invalid shared parameters", "config": "rank 1 sent an invalid config (not",
+        "pickle0": "rank 1 sent an invalid sizes (not JSON",
+        "pickle5": "rank 1 sent an invalid round losses (not",
+        "ints": "rank 1 sent an invalid client sizes",
+        "huge": f"rank 1 announced {2**40} bytes",
+        "negative": "rank 1 announced -5 bytes",
+        "type": "['1']: expected float, got '0.5'",
+        "bool": "[1]: expected int",
+        "objects": "dtype '|O'",
+        "broadcast": "rank 1 sent an invalid value (not",
+        "signature": "rank 1 sent an invalid shared parameters",
+        "config": "rank 1 sent an invalid config (not",
     }
     for name, text in expected.items():
         error = seen[name].get("error", "")
@@ -137,16 +165,33 @@ def test_forged_frames_are_refused_and_nothing_runs(tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("hostile_rank, extra, where", [
-    (1, [], "client sizes"),           # same config: the first payload rank 1 sends is its clients' sizes
-    (0, [], "DONE state"),             # rank 0's first payload: whether the run finished already
-    (1, ["--lr", "3e-4"], "config"),   # a config mismatch: the flat configs travel to name the fields
-])
-def test_fedrun_train_beside_a_hostile_rank_runs_nothing(repo_root, fmnist_root, tmp_path, hostile_rank, extra,
-                                                         where):
+@pytest.mark.parametrize(
+    "hostile_rank, extra, where",
+    [
+        (1, [], "client sizes"),  # same config: the first payload rank 1 sends is its clients' sizes
+        (0, [], "DONE state"),  # rank 0's first payload: whether the run finished already
+        (1, ["--lr", "3e-4"], "config"),  # a config mismatch: the flat configs travel to name the fields
+    ],
+)
+def test_fedrun_train_beside_a_hostile_rank_runs_nothing(repo_root, fmnist_root, tmp_path, hostile_rank, extra, where):
     marker = tmp_path / "PWNED"
-    args = ["train", "--preset", "tiny", "--seed", "7", "--data-root", str(fmnist_root), "--device", "cpu",
-            "--out-dir", str(tmp_path / "runs"), "--name", "run", "--set", "dist_timeout_s=60"]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--seed",
+        "7",
+        "--data-root",
+        str(fmnist_root),
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "run",
+        "--set",
+        "dist_timeout_s=60",
+    ]
     commands = [["-m", "fedrun", *args], ["-m", "fedrun", *args]]
     commands[hostile_rank] = [str(repo_root / "tests" / "hostile_peer.py"), str(marker), *args, *extra]
     sites = run_sites(commands, tmp_path, timeout_s=240, repo_root=repo_root)
@@ -154,7 +199,8 @@ def test_fedrun_train_beside_a_hostile_rank_runs_nothing(repo_root, fmnist_root,
     assert not marker.exists(), "the hostile rank's pickle ran on the honest rank"
     assert honest.rc == 1, (honest.rc, honest.stderr[-3000:])
     assert "Traceback" not in honest.stderr, honest.stderr[-3000:]
-    assert honest.last_line.startswith(f"fedrun: error: rank {hostile_rank} sent an invalid {where} (not"), \
+    assert honest.last_line.startswith(f"fedrun: error: rank {hostile_rank} sent an invalid {where} (not"), (
         honest.last_line
+    )
     assert honest.seconds < 120
     (tmp_path / "honest.json").write_text(json.dumps({"line": honest.last_line, "seconds": honest.seconds}))

@@ -17,20 +17,41 @@ from fedrun.cli import main as fedrun_main
 from fedrun.config import DataConfig, FederationConfig, RunConfig
 
 
-def make_run(root: Path, name: str, method: str, k: int, partition: str, seed: int,
-             fid: dict | None = None, comm_cum: list[int] | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    method: str,
+    k: int,
+    partition: str,
+    seed: int,
+    fid: dict | None = None,
+    comm_cum: list[int] | None = None,
+) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    cfg = RunConfig(federation=FederationConfig(clients=k, method=method, seed=seed),
-                    data=DataConfig(partition=partition), name=name)
+    cfg = RunConfig(
+        federation=FederationConfig(clients=k, method=method, seed=seed),
+        data=DataConfig(partition=partition),
+        name=name,
+    )
     (d / "config.json").write_text(cfg.to_json())
     if fid is not None:
         (d / "fid.json").write_text(json.dumps(fid))
     if comm_cum is not None:
         prev, lines = 0, []
         for r, cum in enumerate(comm_cum, start=1):
-            lines.append(json.dumps({"round": r, "paper_params": cum - prev, "paper_params_cum": cum,
-                                     "bytes": 8 * (cum - prev), "bytes_cum": 8 * cum, "sync_seconds": 0.1}))
+            lines.append(
+                json.dumps(
+                    {
+                        "round": r,
+                        "paper_params": cum - prev,
+                        "paper_params_cum": cum,
+                        "bytes": 8 * (cum - prev),
+                        "bytes_cum": 8 * cum,
+                        "sync_seconds": 0.1,
+                    }
+                )
+            )
             prev = cum
         (d / "comm.jsonl").write_text("\n".join(lines) + "\n")
     return d
@@ -39,8 +60,10 @@ def make_run(root: Path, name: str, method: str, k: int, partition: str, seed: i
 def single(f: float, raw: float | None = None) -> dict:
     out = {"fid": f, "fid_std": 0.0, "per_client": None, "protocol": {"num_samples": 1000}}
     if raw is not None:
-        out["results"] = {"raw": {"fid": raw, "fid_std": 0.0, "per_client": None},
-                          "ema": {"fid": f, "fid_std": 0.0, "per_client": None}}
+        out["results"] = {
+            "raw": {"fid": raw, "fid_std": 0.0, "per_client": None},
+            "ema": {"fid": f, "fid_std": 0.0, "per_client": None},
+        }
     return out
 
 
@@ -87,7 +110,13 @@ def test_find_runs(sweep):
 def test_table_numbers_by_hand(sweep):
     rows = R.table1(R.find_runs(sweep))
     assert [(r["method"], r["K"]) for r in rows] == [
-        ("centralised", 1), ("full", 2), ("full", 5), ("usplit", 2), ("udec", 2), ("udec", 5)]
+        ("centralised", 1),
+        ("full", 2),
+        ("full", 5),
+        ("usplit", 2),
+        ("udec", 2),
+        ("udec", 5),
+    ]
 
     full2 = _row(rows, "full", 2)
     assert full2["N"] == pytest.approx(179.7789)

@@ -10,14 +10,17 @@ from fedrun.config import ConfigError, RunConfig, apply_overrides
 from fedrun.threads import apply_threads, choose_threads, local_ranks, positive_int, restore_threads
 
 
-@pytest.mark.parametrize("cores, ranks, expected", [
-    (2, 1, 2),    # one process on a 2-core machine: both cores
-    (2, 2, 1),    # torchrun --nproc_per_node=2 there: one each, no oversubscription
-    (16, 4, 4),   # a 16-core node with 4 GPU ranks
-    (17, 4, 4),   # the remainder is left idle rather than oversubscribed
-    (1, 4, 1),    # never 0
-    (8, 3, 2),
-])
+@pytest.mark.parametrize(
+    "cores, ranks, expected",
+    [
+        (2, 1, 2),  # one process on a 2-core machine: both cores
+        (2, 2, 1),  # torchrun --nproc_per_node=2 there: one each, no oversubscription
+        (16, 4, 4),  # a 16-core node with 4 GPU ranks
+        (17, 4, 4),  # the remainder is left idle rather than oversubscribed
+        (1, 4, 1),  # never 0
+        (8, 3, 2),
+    ],
+)
 def test_auto_is_cores_over_the_ranks_of_the_node(cores, ranks, expected):
     c = choose_threads(0, cores, ranks)
     assert (c.threads, c.source, c.auto) == (expected, "auto", expected)
@@ -36,7 +39,8 @@ def test_precedence_config_then_omp_num_threads_then_auto():
 
 def test_one_line_says_what_was_chosen_and_why():
     assert choose_threads(0, 2, 2).describe() == (
-        "2 ranks on this node x 1 thread (2 cores; auto = cores / ranks on this node; --set threads=N changes it)")
+        "2 ranks on this node x 1 thread (2 cores; auto = cores / ranks on this node; --set threads=N changes it)"
+    )
     assert choose_threads(0, 2, 1).describe().startswith("1 process x 2 threads (2 cores; auto")
     line = choose_threads(0, 16, 2, omp_num_threads="1").describe()
     assert "from OMP_NUM_THREADS=1, auto would give 8" in line
