@@ -32,6 +32,11 @@ class Site:
         lines = self.stderr.strip().splitlines()
         return lines[-1] if lines else ""
 
+    @property
+    def error_lines(self) -> list[str]:
+        """The ``fedrun: error:`` lines (a warning of torch's may follow them while the group closes)."""
+        return [line for line in self.stderr.splitlines() if line.startswith("fedrun: error:")]
+
 
 def run_sites(commands: list[list[str]], cwd: Path, timeout_s: float, repo_root: Path) -> list[Site]:
     """Run ``commands[r]`` as rank r of one process group; every process is killed after ``timeout_s``."""

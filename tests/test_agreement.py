@@ -108,7 +108,7 @@ def _train(fmnist_root: Path, out_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "flag, value, field, shown",
     [
@@ -120,14 +120,18 @@ def test_two_sites_with_different_runs_stop_at_once(repo_root, tmp_path, flag, v
     """No data is read before the check, so a missing data set cannot hide the mismatch (nor is one needed)."""
     out = tmp_path / "runs"
     data = tmp_path / "no-data"
-    sites = run_sites([_train(data, out), _train(data, out, flag, value)], tmp_path, timeout_s=90, repo_root=repo_root)
+    sites = run_sites([_train(data, out), _train(data, out, flag, value)], tmp_path, timeout_s=200, repo_root=repo_root)
     for r, site in enumerate(sites):
         assert site.rc == 2, (r, site.rc, site.stderr[-3000:])
         assert "Traceback" not in site.stderr, site.stderr[-3000:]
-        assert site.last_line.startswith("fedrun: error: the ranks were started with different runs"), site.last_line
-        assert f"{field} ({shown})" in site.last_line, site.last_line
-        assert site.seconds < 30
-    assert sites[0].last_line == sites[1].last_line
+        assert len(site.error_lines) == 1, site.stderr[-3000:]
+        line = site.error_lines[0]
+        assert line.startswith("fedrun: error: the ranks were started with different runs"), line
+        assert f"{field} ({shown})" in line, line
+        # Far below dist_timeout_s (600 s): not a timeout. Most of it is starting Python and torch on a busy
+        # machine; the check itself takes well under a second (test_three_ranks_one_differs_same_line_everywhere).
+        assert site.seconds < 180
+    assert sites[0].error_lines == sites[1].error_lines
     assert not out.exists(), sorted(p.relative_to(out) for p in out.rglob("*"))  # nothing written
 
 

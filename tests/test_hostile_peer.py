@@ -11,7 +11,6 @@ unpickled) stops with one ``fedrun: error:`` line, and the file never exists.
 from __future__ import annotations
 
 import ast
-import json
 import pickle
 from functools import partial
 from pathlib import Path
@@ -164,12 +163,12 @@ def test_forged_frames_are_refused_and_nothing_runs(tmp_path):
 
 
 @pytest.mark.multiproc
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "hostile_rank, extra, where",
     [
         (1, [], "client sizes"),  # same config: the first payload rank 1 sends is its clients' sizes
-        (0, [], "DONE state"),  # rank 0's first payload: whether the run finished already
+        (0, [], "client sizes"),  # the same from rank 0, to the honest rank 1
         (1, ["--lr", "3e-4"], "config"),  # a config mismatch: the flat configs travel to name the fields
     ],
 )
@@ -190,17 +189,16 @@ def test_fedrun_train_beside_a_hostile_rank_runs_nothing(repo_root, fmnist_root,
         "--name",
         "run",
         "--set",
-        "dist_timeout_s=60",
+        "dist_timeout_s=600",
     ]
     commands = [["-m", "fedrun", *args], ["-m", "fedrun", *args]]
     commands[hostile_rank] = [str(repo_root / "tests" / "hostile_peer.py"), str(marker), *args, *extra]
-    sites = run_sites(commands, tmp_path, timeout_s=240, repo_root=repo_root)
+    sites = run_sites(commands, tmp_path, timeout_s=400, repo_root=repo_root)
     honest = sites[1 - hostile_rank]
     assert not marker.exists(), "the hostile rank's pickle ran on the honest rank"
     assert honest.rc == 1, (honest.rc, honest.stderr[-3000:])
     assert "Traceback" not in honest.stderr, honest.stderr[-3000:]
-    assert honest.last_line.startswith(f"fedrun: error: rank {hostile_rank} sent an invalid {where} (not"), (
-        honest.last_line
-    )
-    assert honest.seconds < 120
-    (tmp_path / "honest.json").write_text(json.dumps({"line": honest.last_line, "seconds": honest.seconds}))
+    assert len(honest.error_lines) == 1, honest.stderr[-3000:]
+    line = honest.error_lines[0]
+    assert line.startswith(f"fedrun: error: rank {hostile_rank} sent an invalid {where} (not"), line
+    assert honest.seconds < 300  # below dist_timeout_s: a refusal, not a timeout
