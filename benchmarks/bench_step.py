@@ -13,7 +13,12 @@ Models: the paper UNet of the paper-fmnist preset (28x28x1), Ho et al.'s UNet of
 the DDPM CIFAR-10 configuration on the same device, through the same two code paths.
 
     python -m benchmarks.bench_step                      # CPU: ~1-2 min with the small defaults
+    python -m benchmarks.bench_step --threads 1,2,auto   # + the optimised step at each thread count, in turns
     python -m benchmarks.bench_step --device cuda --compile --json step.json
+
+On CPU the step runs with one thread unless ``--threads`` says otherwise; with several counts the table of
+modes uses the first, and a second table gives the optimised step (what ``fedrun train`` runs) at each count,
+every count taking its turn in the same repeats (``auto`` = the count ``fedrun train`` would choose here).
 """
 
 from __future__ import annotations
@@ -175,6 +180,16 @@ def optimised(
     return run
 
 
+def at_threads(fn: Callable[[], None], n: int) -> Callable[[], None]:
+    """``fn`` run with ``n`` intra-op threads: modes at different counts can take turns in one process."""
+
+    def run() -> None:
+        torch.set_num_threads(n)
+        fn()
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument(
@@ -200,13 +215,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0.03,
         help="'not slower' targets pass at ratio >= 1 - tolerance (timing noise of a shared CPU)",
     )
-    args = parse_args(p, argv)
+    args = parse_args(p, argv, thread_sweep=True)
 
     device = pick_device(args.device)
     if device.type == "cpu" and not args.threads:
         # One thread by default: the ratios are what this reports, and on a busy machine (CI, a shared
         # 2-core box) torch's spinning OpenMP threads make multi-thread timings erratic (here 5x slower).
         torch.set_num_threads(1)
+    counts = args.threads or [torch.get_num_threads()]
     amp = amp_dtype(args.amp, device)  # the rule of optim.amp: auto = bf16 on GPU, fp32 on CPU
     amp_name = "bf16" if amp is not None else "fp32"
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -221,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     diffusion = GaussianDiffusion(loss="huber")
 
     rows, results = [], []
+    thread_rows: list[list[Any]] = []
+    thread_results: list[dict[str, Any]] = []
     for arch in archs:
         size, channels, n_images = ARCHS[arch]
         batch, warmup, iters = QUICK if args.quick else (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)[arch]
@@ -240,7 +258,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runners["optimised+ema"] = optimised(
                 arch, images, batch, warmup, iters, diffusion, device, amp, ema_decay=args.ema
             )
+        runners = {name: at_threads(fn, counts[0]) for name, fn in runners.items()}
+        for n in counts[1:]:  # the optimised step at the other counts, taking turns with the rest
+            runners[f"optimised@{n}t"] = at_threads(
+                optimised(arch, images, batch, warmup, iters, diffusion, device, amp), n
+            )
         seconds = time_interleaved(runners, repeats, device)
+        for n in counts:
+            secs = seconds.pop("optimised" if n == counts[0] else f"optimised@{n}t")
+            thread_rows.append(
+                [arch, n, batch * iters / median(secs), batch * iters / max(secs), batch * iters / min(secs)]
+            )
+            thread_results.append(
+                {"arch": arch, "threads": n, "seconds": secs, "img_per_s": batch * iters / median(secs)}
+            )
+            if n == counts[0]:
+                seconds["optimised"] = secs
+        seconds = {m: seconds[m] for m in runners if m in seconds}  # the table's order
         base = batch * iters / median(seconds["eager-fp32"])
         for mode, secs in seconds.items():
             ips = batch * iters / median(secs)
@@ -299,6 +333,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows,
         )
     ]
+    if len(counts) > 1:
+        base_ips = {r[0]: r[2] for r in thread_rows if r[1] == counts[0]}
+        tables.append(
+            (
+                f"Intra-op threads: the optimised step at each count, side by side (median, slowest and "
+                f"fastest of {repeats} repeats; ratio = img/s / {counts[0]} thread(s))",
+                ["model", "threads", "img/s", "slowest", "fastest", "ratio"],
+                [[*r, r[2] / base_ips[r[0]]] for r in thread_rows],
+            )
+        )
     if vs_diffusers:
         tables.append(
             (
@@ -327,8 +371,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "repeats": repeats,
             "quick": args.quick,
             "skipped": skipped,
+            "threads": counts,
         },
         "results": results,
+        "threads": thread_results,
         "ratios": {f"{r['arch']}/{r['mode']}": r["ratio_vs_eager"] for r in results},
         "vs_diffusers": {row[0]: row[3] for row in vs_diffusers},
     }

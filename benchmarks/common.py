@@ -169,15 +169,42 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test; numbers meaningless)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=thread_counts,
+        metavar="N[,M,...]",
+        help="torch CPU threads; 'auto' = fedrun's choice here (fedrun.threads). bench_step takes a "
+        "list (e.g. 1,2,auto) and measures every count side by side",
+    )
     return p
 
 
-def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line and apply ``--threads``."""
+def thread_counts(text: str) -> list[int]:
+    """'2' -> [2]; '1,2,auto' -> [1, 2, what fedrun train would choose for one process here], duplicates dropped."""
+    from fedrun.threads import available_cores, choose_threads
+
+    counts: list[int] = []
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        if part == "auto":
+            n = choose_threads(0, available_cores(), 1, os.environ.get("OMP_NUM_THREADS")).threads
+        elif part.isdigit() and int(part) >= 1:
+            n = int(part)
+        else:
+            raise argparse.ArgumentTypeError(f"invalid thread count {part!r}: allowed: a positive integer or auto")
+        counts += [] if n in counts else [n]
+    if not counts:
+        raise argparse.ArgumentTypeError("no thread count given")
+    return counts
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None, thread_sweep: bool = False) -> argparse.Namespace:
+    """Parse the command line and apply the first of ``--threads``; several counts only where the script
+    measures each (``thread_sweep``)."""
     args = p.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        if len(args.threads) > 1 and not thread_sweep:
+            p.error(f"--threads: this benchmark takes one count, got {args.threads}")
+        torch.set_num_threads(args.threads[0])
     return args
 
 

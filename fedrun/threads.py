@@ -1,8 +1,8 @@
 """How many intra-op CPU threads each rank uses: chosen on purpose, said once, easy to change.
 
-The count decides the speed of a CPU step several times over: on a shared 2-core machine one short run gave
-35-38 img/s with 1 thread, 5.5-8.5 with 2 and 51-56 with torch's default once it settled (issue 18; numbers
-of ``bench_step --threads`` in BENCHMARKS.md). torch's default, one thread per core in every process,
+The count decides the speed of a CPU step several times over: on a shared 2-core machine 2 threads ran the
+paper UNet's step 1.7x faster than 1 while the other core was free and 13-15x slower while other work held it
+(``bench_step --threads 1,2``, BENCHMARKS.md). torch's default, one thread per core in every process,
 oversubscribes a node as soon as several ranks share it. So every rank sets its count, in this order:
 
 1. ``threads=N`` of the config (``--set threads=N``), N >= 1: the user said so;
@@ -45,6 +45,8 @@ class ThreadChoice:
     """$OMP_NUM_THREADS as found (None = not set)."""
     previous: int = 0
     """torch's count before ``apply_threads`` (0 = not applied)."""
+    load: float | None = None
+    """The machine's 1-minute load average when chosen (None = unknown): only for the hint in ``describe``."""
 
     def describe(self) -> str:
         """One line for the run's log: '2 ranks x 1 thread (2 cores; auto = cores / ranks on this node; ...)'."""
@@ -61,6 +63,9 @@ class ThreadChoice:
         cores = f"{self.cores} core{'s' if self.cores != 1 else ''}"
         if self.threads * self.local_ranks > self.cores:
             why += f"; {self.threads * self.local_ranks} threads on {cores}: oversubscribed"
+        elif self.threads > 1 and self.load is not None and self.load > self.cores:
+            # Other work holds the cores: OpenMP threads then wait on each other (BENCHMARKS.md: 13-15x slower).
+            why += f"; the machine is busy (load {self.load:.1f} on {cores}): fewer threads may be much faster"
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         return f"{who} x {threads} ({cores}; {why}; --set threads=N changes it)"
 
@@ -76,9 +81,12 @@ def positive_int(text: str | None) -> int | None:
     return n if n >= 1 else None
 
 
-def choose_threads(requested: int, cores: int, local_ranks: int, omp_num_threads: str | None = None) -> ThreadChoice:
+def choose_threads(
+    requested: int, cores: int, local_ranks: int, omp_num_threads: str | None = None, load: float | None = None
+) -> ThreadChoice:
     """The count for one rank: ``requested`` (config ``threads``; 0 = auto), else ``$OMP_NUM_THREADS`` when it is
-    a positive integer, else ``cores // local_ranks`` (at least 1)."""
+    a positive integer, else ``cores // local_ranks`` (at least 1). ``load`` (the 1-minute load average) never
+    changes the count, which must not depend on a moment's load; it only adds a hint to the line."""
     if requested < 0:
         raise ValueError(f"invalid threads={requested}: allowed: 0 (auto) or a positive integer")
     cores, local_ranks = max(int(cores), 1), max(int(local_ranks), 1)
@@ -90,7 +98,7 @@ def choose_threads(requested: int, cores: int, local_ranks: int, omp_num_threads
         threads, source = env, "OMP_NUM_THREADS"
     else:
         threads, source = auto, "auto"
-    return ThreadChoice(threads, cores, local_ranks, source, auto, omp_num_threads)
+    return ThreadChoice(threads, cores, local_ranks, source, auto, omp_num_threads, load=load)
 
 
 def available_cores() -> int:
@@ -108,11 +116,20 @@ def local_ranks(env: Mapping[str, str] | None = None) -> int:
     return positive_int(env.get("LOCAL_WORLD_SIZE")) or positive_int(env.get("WORLD_SIZE")) or 1
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def apply_threads(requested: int) -> ThreadChoice:
     """Choose this process's count (``choose_threads``) and set it in torch; ``restore_threads`` undoes it."""
     import torch  # here, not at import: the rule itself needs no torch
 
-    choice = choose_threads(requested, available_cores(), local_ranks(), os.environ.get("OMP_NUM_THREADS"))
+    choice = choose_threads(
+        requested, available_cores(), local_ranks(), os.environ.get("OMP_NUM_THREADS"), load=_load_average()
+    )
     previous = torch.get_num_threads()
     torch.set_num_threads(choice.threads)
     return replace(choice, previous=previous)

@@ -79,3 +79,10 @@ def test_threads_is_a_config_field():
     assert apply_overrides(RunConfig(), {"threads": "2"}).threads == 2
     with pytest.raises(ConfigError, match="invalid threads=-1"):
         apply_overrides(RunConfig(), {"threads": "-1"})
+
+
+def test_a_busy_machine_adds_a_hint_but_never_changes_the_count():
+    busy, idle = choose_threads(0, 2, 1, load=11.2), choose_threads(0, 2, 1, load=0.3)
+    assert busy.threads == idle.threads == 2
+    assert "the machine is busy (load 11.2 on 2 cores): fewer threads may be much faster" in busy.describe()
+    assert "busy" not in idle.describe() and "busy" not in choose_threads(0, 2, 2, load=11.2).describe()
