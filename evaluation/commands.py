@@ -69,7 +69,8 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
         choices=SAMPLERS,
         default=None,
         help="ddpm (default): ancestral over all T steps (the paper's sampler); ddpm-clip: the same "
-        "with x0 clipped to [-1, 1] each step (Ho et al.'s code); ddim: --steps steps",
+        "with x0 clipped to [-1, 1] each step (Ho et al.'s code); ddim: --steps steps; ddim-clip: the same "
+        "with x0 clipped each step",
     )
     p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (default 50)")
     p.add_argument(
@@ -83,6 +84,14 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="reference: DATASET:SPLIT (default: the run dataset's test split), a statistics "
         ".npz, an image folder or an .npz of images. " + KID_FEATURES_HELP,
+    )
+    p.add_argument(
+        "--ref-num",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="only the first N images of --ref (not of a statistics file): a quicker reference, "
+        "computed once and cached apart (default: all)",
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     p.add_argument(
@@ -214,6 +223,7 @@ def run_eval(args: argparse.Namespace) -> int:
             inception_weights=args.inception_weights,
             fid_batch_size=args.fid_batch_size,
             stage=args.stage,
+            ref_num=args.ref_num,
         )
     except EvalError as e:
         return _error(e)
@@ -246,7 +256,10 @@ def _print_eval(run: RunDir, out: dict[str, Any], stage: str) -> None:
         if r["pooled"] is not None:
             p = r["pooled"]
             kid = "" if p["kid"] is None else f", KID {p['kid']:.5f} ± {p['kid_std']:.5f}"
-            print(f"pooled samples of all{clients} ({kind}, {p['num_samples']} samples): FID {p['fid']:.2f}{kid}")
+            print(
+                f"pooled samples of all {len(r['per_client'])} clients ({kind}, {p['num_samples']} samples): "
+                f"FID {p['fid']:.2f}{kid}"
+            )
     if out.get("kid_note"):
         sink.info(out["kid_note"])
     sink.info(f"wrote {run.fid_json}")

@@ -135,7 +135,7 @@ def _saved_samples(
     protocol = Protocol(
         proto["num_samples"],
         proto["sampler"],
-        proto["steps"] if proto["sampler"] == "ddim" else None,
+        proto["steps"] if proto["sampler"].startswith("ddim") else None,
         proto["seed"],
         proto["batch_size"],
     )
@@ -257,6 +257,7 @@ def evaluate_run(
     progress: bool = True,
     write: bool = True,
     stage: str = "all",
+    ref_num: int | None = None,
 ) -> dict[str, Any]:
     """Sample every model of a finished run, score FID and KID, write fid.json, TensorBoard scalars and samples.
 
@@ -270,8 +271,9 @@ def evaluate_run(
     ``sampler`` (None = 'ddpm') and ``seed`` (None = 0) set the protocol. ``weights``: raw, ema, both, or
     None = both when EMA files exist. ``ref``: a statistics .npz, an image folder, an .npz of images or a
     dataset split; None = the run dataset's test split (statistics cached in fedrun's cache directory).
-    With an initialised process group, sampling is spread over the ranks, rank 0 scores and writes, and every
-    rank returns rank 0's result.
+    ``ref_num``: only the first N images of a reference that is not a statistics file (a quicker reference,
+    cached apart; fid.json names it). With an initialised process group, sampling is spread over the ranks,
+    rank 0 scores and writes, and every rank returns rank 0's result.
     """
     p = plan_evaluation(RunDir(run_dir), stage, num_samples, sampler, steps, weights, seed, batch_size)
     ref = (ref or default_reference(p.cfg)) if p.score else None
@@ -281,8 +283,12 @@ def evaluate_run(
     dev = dist.pick_device(device)
     sink = rank_sink(dist.rank() == 0)
     fid_kw = {"batch_size": fid_batch_size, "weights": inception_weights}
-    ref_feats = prepare_reference(p, ref, data_root, dev, sink, progress=progress, **fid_kw) if p.score else None
+    ref_feats = (
+        prepare_reference(p, ref, data_root, dev, sink, progress=progress, limit=ref_num, **fid_kw) if p.score else None
+    )
     outcome = evaluate_models(p, ref_feats, dev, write, progress, **fid_kw)
+    if p.score and ref_num and parse_source(ref).kind != "stats":
+        ref = f"{ref} (first {ref_num} images)"  # fid.json says which reference: a part scores differently
     out = None
     if dist.rank() == 0:
         out = write_scores(p, outcome, ref, write) if p.score else write_samples_record(p, outcome)

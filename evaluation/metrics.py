@@ -53,6 +53,8 @@ def kid_protocol() -> dict[str, Any]:
 
 def score_features(features: np.ndarray, ref: Reference) -> Scores:
     """FID (pytorch-fid's) and KID of sample features [N, 2048] against ``ref``."""
+    # float64 first: the features are float32 values, but np.mean of a float32 array sums in float32.
+    features = np.asarray(features, np.float64)
     mu, sigma = statistics(features)
     fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
     if ref.features is None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from fedrun.config import DATASETS
 
-SAMPLERS = ("ddpm", "ddpm-clip", "ddim")
+SAMPLERS = ("ddpm", "ddpm-clip", "ddim", "ddim-clip")
 """ddpm: ancestral over all T steps (the paper's); ddpm-clip: the same, x0 clipped to [-1, 1] each step (Ho et
-al.'s code); ddim: ``steps`` deterministic steps."""
+al.'s code); ddim: ``steps`` deterministic steps; ddim-clip: the same, x0 clipped each step (GLIDE)."""
 DEFAULT_SAMPLER = "ddpm"
 DEFAULT_DDIM_STEPS = 50
 WEIGHT_KINDS = ("raw", "ema")

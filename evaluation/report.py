@@ -56,6 +56,7 @@ NOT_SETTINGS = frozenset(
         "sample_every",
         "num_samples",
         "sample_steps",
+        "sample_clip",
         "fid_every",
         "fid_samples",
         "fid_ref",

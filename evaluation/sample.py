@@ -73,10 +73,10 @@ def sample_images(
 
     image_shape: (C, H, W). sampler: 'ddpm' (ancestral, all T steps; the paper's annotated-diffusion
     sampler), 'ddpm-clip' (the same with x_0 clipped to [-1, 1] at every step, as Ho et al.'s code and
-    diffusers' DDPMScheduler) or 'ddim' (``steps``, default 50). With a process group (``distributed``
-    None = use one if initialised) every rank samples its share of the batches and all ranks return the
-    full, ordered set (all_gather). The model is put in eval mode for sampling and its training flag
-    restored afterwards.
+    diffusers' DDPMScheduler), 'ddim' (``steps``, default 50) or 'ddim-clip' (the same, x_0 clipped). With a
+    process group (``distributed`` None = use one if initialised) every rank samples its share of the batches
+    and all ranks return the full, ordered set (all_gather). The model is put in eval mode for sampling and its
+    training flag restored afterwards.
     """
     ddim_steps = sampler_steps(sampler, steps)
     if num_samples < 1 or batch_size < 1:
@@ -105,7 +105,7 @@ def sample_images(
                     steps=ddim_steps,
                     generator=g,
                     progress=lambda *_: bar.update(1),
-                    clip_x0=sampler == "ddpm-clip",
+                    clip_x0=sampler.endswith("-clip"),
                 )
                 out.append(to_uint8(x).cpu())  # [n, C, H, W] uint8
         finally:

@@ -107,8 +107,8 @@ def reference_of_run(
 
 def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
     """A ``fedrun.hooks.Scorer`` for FID during training: ``cfg.fid_samples`` samples (DDIM with
-    ``cfg.sample_steps`` steps, else ancestral DDPM) against ``cfg.fid_ref`` (default: the dataset's test
-    split).
+    ``cfg.sample_steps`` steps, else ancestral DDPM; x0 clipped with ``cfg.sample_clip``, as the grids) against
+    ``cfg.fid_ref`` (default: the dataset's test split).
 
     The reference statistics are loaded once, here; computed ones are cached under ``cache_dir/fid_stats``
     (``cache_dir``: fedrun's cache directory, e.g. ``evaluation.reference.default_cache_dir()``).
@@ -126,7 +126,7 @@ def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
             stats,
             cfg.fid_samples,
             image_shape=(channels, size, size),
-            sampler="ddim" if cfg.sample_steps else "ddpm",
+            sampler=("ddim" if cfg.sample_steps else "ddpm") + ("-clip" if cfg.sample_clip else ""),
             steps=cfg.sample_steps,
             device=device,
             seed=seed,

@@ -233,6 +233,8 @@ class RunConfig:
     """Images in a sample grid."""
     sample_steps: int | None = None
     """Sampler steps for grids: None = full ancestral DDPM, else DDIM with this many steps."""
+    sample_clip: bool = False
+    """Clip the predicted x0 to [-1, 1] at every step of the grids' sampler (short runs: no saturated blobs)."""
     fid_every: int = 0
     """Score FID every N rounds during training (0 = never; use `fedrun eval` afterwards)."""
     fid_samples: int = 1000

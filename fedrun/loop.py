@@ -337,11 +337,12 @@ class Run:
         """A grid of ``num_samples`` samples of every model to TensorBoard; ``final``: also ``samples/*.png``."""
         channels, size = image_shape(self.cfg)
         n, device = self.cfg.num_samples, self.ctx.device
+        steps, clip = self.cfg.sample_steps, self.cfg.sample_clip
         grids: dict[int, np.ndarray] = {}
         for k in self._models():
             g = torch.Generator(device=device).manual_seed(derive_seed(self.cfg.federation.seed, 3, k))
             x = self.hosted.diffusion.sample(
-                self.hosted.model, (n, channels, size, size), device, steps=self.cfg.sample_steps, generator=g
+                self.hosted.model, (n, channels, size, size), device, steps=steps, generator=g, clip_x0=clip
             )
             grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
             grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()

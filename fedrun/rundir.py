@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = frozenset(
         "sample_every",
         "num_samples",
         "sample_steps",
+        "sample_clip",
         "fid_every",
         "fid_samples",
         "fid_ref",

@@ -1,4 +1,5 @@
-"""`fedrun eval`, `fedrun fid`, `fedrun report` wiring; evaluate_run / fid_of_model on tiny real models."""
+"""`fedrun eval`, `fedrun fid`, `fedrun report` wiring; evaluate_run / fid_of_model on tiny real models; KID and
+the pooled samples of a personalised method in fid.json."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 
 from evaluation import fid as F
 from evaluation import inception as Inc
+from evaluation import kid as K
+from evaluation import sources as Src
 from evaluation.commands import run_eval, run_fid, run_report
 from evaluation.evaluate import evaluate_run
 from evaluation.scoring import fid_of_model
@@ -274,3 +277,95 @@ def test_eval_errors_are_one_line(tmp_path, capsys, monkeypatch, torch_home):
     assert fedrun_main(["eval", str(run), "--steps", "5", "--device", "cpu"]) == 2  # ddpm takes no --steps
     assert "ddim" in capsys.readouterr().err
     assert not (run / "fid.json").exists()
+
+
+@pytest.fixture(scope="module")
+def ref_with_features(tmp_path_factory, fmnist_root, torch_home) -> Path:
+    """Statistics and features of 20 real test images (a few seconds of Inception): a reference that gives KID."""
+    ref = Src.source_statistics(
+        "fashion-mnist:test",
+        data_root=fmnist_root,
+        limit=20,
+        progress=False,
+        weights=torch_home / "hub" / "checkpoints" / Inc.WEIGHTS_FILENAME,
+    )
+    return F.save_reference(tmp_path_factory.mktemp("ref") / "test20.npz", ref)
+
+
+@pytest.mark.slow
+def test_eval_udec_run_scores_kid_and_the_pooled_samples_of_all_clients(
+    tmp_path, torch_home, ref_with_features, monkeypatch, capsys
+):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    run = _tiny_run(tmp_path, method="udec")
+    assert (
+        fedrun_main(
+            [
+                "eval",
+                str(run),
+                "--num-samples",
+                "6",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "3",
+                "--ref",
+                str(ref_with_features),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "6",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    out = json.loads((run / "fid.json").read_text())
+    ref = F.load_reference(ref_with_features)
+    r = out["results"]["raw"]
+    samples = [torch.from_numpy(np.load(run / "eval" / f"samples_client{k}_raw.npz")["x"]) for k in (0, 1)]
+    feats = [Inc.inception_features(x, progress=False) for x in samples]
+    for k, f in enumerate(feats):  # each client's KID: its 6 samples against the 20 test images
+        expected = K.kid(f, ref.features)
+        assert r["kid_models"][f"client{k}"] == {
+            "kid": pytest.approx(expected.mean, rel=1e-9),
+            "kid_std": pytest.approx(expected.std, rel=1e-6, abs=1e-12),
+            "subset_size": 6,
+        }
+    assert r["kid"] == pytest.approx(np.mean(r["kid_per_client"])) and len(r["kid_per_client"]) == 2
+    assert r["kid_std"] == pytest.approx(np.std(r["kid_per_client"]))
+    # The pooled samples: all 12 samples of both clients scored as one set.
+    pooled = np.concatenate(feats)
+    assert r["pooled"]["num_samples"] == 12
+    assert r["pooled"]["fid"] == pytest.approx(F.frechet_distance(*F.statistics(pooled), *ref.stats), rel=1e-9)
+    assert r["pooled"]["kid"] == pytest.approx(K.kid(pooled, ref.features).mean, rel=1e-9)
+    assert r["pooled"]["kid_subset_size"] == 12
+    assert out["pooled"] == r["pooled"] and out["kid"] == r["kid"] and "kid_note" not in out
+    assert out["protocol"]["kid"]["subsets"] == K.KID_SUBSETS
+    assert f"KID (raw): {r['kid']:.5f} ± {r['kid_std']:.5f} over 2 clients" in printed
+    assert f"pooled samples of all 2 clients (raw, 12 samples): FID {r['pooled']['fid']:.2f}" in printed
+
+
+@pytest.mark.slow
+def test_eval_against_mu_sigma_only_statistics_says_why_there_is_no_kid(
+    tmp_path, torch_home, ref_with_features, monkeypatch, capsys
+):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    ref = F.load_reference(ref_with_features)
+    plain = F.save_stats(tmp_path / "plain.npz", ref.mu, ref.sigma)
+    run = _tiny_run(tmp_path)
+    out = evaluate_run(run, num_samples=4, ref=str(plain), sampler="ddim", steps=2, device="cpu", batch_size=4)
+    assert out["kid"] is None and out["results"]["raw"]["kid_models"] is None and out["pooled"] is None
+    assert "KID needs the reference's Inception features" in out["kid_note"] and np.isfinite(out["fid"])
+    # With the features the same samples (same seed) get the same FID and a KID too.
+    again = evaluate_run(
+        _tiny_run(tmp_path / "again"),
+        num_samples=4,
+        ref=str(ref_with_features),
+        sampler="ddim",
+        steps=2,
+        device="cpu",
+        batch_size=4,
+    )
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-9) and again["kid"] is not None
+    assert again["kid_std"] == again["results"]["raw"]["kid_models"]["global"]["kid_std"]  # one model: subsets'

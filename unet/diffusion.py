@@ -190,11 +190,16 @@ class GaussianDiffusion:
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         progress: Progress | None = None,
+        clip_x0: bool = False,
     ) -> Tensor:
         """DDIM sampling (Song et al. 2021, eq. 12) on `ddim_timesteps(steps)`, output clamped to [-1, 1].
 
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is ancestral sampling with the posterior
         variance, i.e. the same chain as `p_sample_loop` (same noise draws from the same generator).
+        ``clip_x0``: clip the predicted x_0 to [-1, 1] at every step and re-derive eps_hat from it (GLIDE;
+        diffusers' DDIMScheduler with clip_sample and use_clipped_model_output), which equals eq. 12 whenever
+        nothing is clipped. An undertrained model predicts x_0 far outside [-1, 1] at high noise, and the
+        unclipped chain then ends in saturated blobs (measured on the quickstart, issue 13).
         """
         device = torch.device(device)
         _check_generator(generator, device)
@@ -206,6 +211,9 @@ class GaussianDiffusion:
             abar_prev = s["alphas_cumprod"][ts[i + 1]] if i + 1 < len(ts) else 1.0
             eps = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long)).float()
             x0 = (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)  # predicted x_0
+            if clip_x0:
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = (x - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
             # sigma_t(eta) from Song et al. eq. 16.
             sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
             direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
@@ -227,11 +235,13 @@ class GaussianDiffusion:
         progress: Progress | None = None,
         clip_x0: bool = False,
     ) -> Tensor:
-        """Ancestral sampling over all T steps if `steps` is None (the paper; ``clip_x0``: see
-        ``p_sample_loop``), else DDIM with `steps`."""
+        """Ancestral sampling over all T steps if `steps` is None (the paper), else DDIM with `steps`;
+        ``clip_x0``: see ``p_sample_loop`` and ``ddim_sample_loop``."""
         if steps is None:
             return self.p_sample_loop(model, shape, device, generator=generator, progress=progress, clip_x0=clip_x0)
-        return self.ddim_sample_loop(model, shape, device, steps=steps, eta=eta, generator=generator, progress=progress)
+        return self.ddim_sample_loop(
+            model, shape, device, steps=steps, eta=eta, generator=generator, progress=progress, clip_x0=clip_x0
+        )
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
