@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from fedrun.config import (
-    ARCHS,
     DATASETS,
     DEVICES,
-    METHOD_NAMES,
     PARTITIONS,
     ConfigError,
     RunConfig,
     apply_overrides,
     field_names,
 )
+from fedrun.methods import METHOD_NAMES
 from fedrun.presets import PRESETS, get_preset
+from unet import ARCHS  # torch-free: unet's names are lazy
 
 # Short flags for the fields users change most; anything else goes through --set key=value.
 SHORTCUTS: dict[str, tuple[str, type]] = {

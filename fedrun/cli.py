@@ -19,7 +19,8 @@ import evaluation.commands
 import slurm.commands
 from fedrun import info
 from fedrun.args import add_config_arguments, config_from_args
-from fedrun.config import DATASETS, METHOD_NAMES, PARTITIONS, ConfigError, RunConfig
+from fedrun.config import DATASETS, PARTITIONS, ConfigError, RunConfig
+from fedrun.methods import METHOD_NAMES
 from fedrun.presets import PRESETS
 
 

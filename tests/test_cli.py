@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fedrun.cli import build_parser, main, train_entry
-from fedrun.config import DATASETS, METHOD_NAMES, PARTITIONS
+from fedrun.config import DATASETS, PARTITIONS
+from fedrun.methods import METHOD_NAMES
 from fedrun.presets import PRESETS, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
