@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.errors import EvalError
-from fedrun.config import PARTITIONS, ConfigError, RunConfig, field_names
+from fedrun.config import NOT_TRAINED_FIELDS, PARTITIONS, ConfigError, RunConfig, field_names
 from fedrun.methods import METHOD_NAMES
 
 CENTRALISED = "centralised"
@@ -40,29 +40,6 @@ PARTITION_LABELS = {"iid": "IID", "label-skew": "l-skew", "quantity-skew": "q-sk
 """The paper's column headers, keyed by ``fedrun.config.PARTITIONS``."""
 AXES = frozenset({"federation.method", "federation.clients", "data.partition", "federation.seed"})
 """The table's own axes: rows (method, K), columns (partition) and the seeds a cell pools."""
-NOT_SETTINGS = frozenset(
-    {
-        "name",
-        "out_dir",
-        "preset",
-        "data.root",
-        "data.download",
-        "data.placement",
-        "device",
-        "dist_timeout_s",
-        "optim.compile",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "sample_every",
-        "num_samples",
-        "sample_steps",
-        "sample_clip",
-        "fid_every",
-        "fid_samples",
-        "fid_ref",
-    }
-)
-"""Config fields that do not change what a run trains (where it runs, what it logs): never keep runs apart."""
 EVAL_FIELDS = ("num_samples", "sampler", "steps", "reference")
 """fid.json protocol entries that make two FIDs incomparable; keyed as ``eval.<name>`` (plus ``eval.weights``)."""
 KID_SCALE = 1e3
@@ -124,7 +101,7 @@ class RunRecord:
     def settings(self, weights: str | None = None) -> dict[str, Any]:
         """What may make this run unlike another of its row: config fields that change what is trained, and
         the evaluation protocol (``eval.*``, only when evaluated)."""
-        out = {k: v for k, v in self.config.items() if k not in AXES and k not in NOT_SETTINGS}
+        out = {k: v for k, v in self.config.items() if k not in AXES and k not in NOT_TRAINED_FIELDS}
         if self.fid is not None:
             protocol = self.fid.get("protocol") or {}
             out.update({f"eval.{k}": protocol[k] for k in EVAL_FIELDS if k in protocol})

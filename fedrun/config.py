@@ -47,6 +47,7 @@ __all__ = [
     "DEVICES",
     "EXCHANGE_DTYPES",
     "LOSSES",
+    "NOT_TRAINED_FIELDS",
     "PARTITIONS",
     "PLACEMENTS",
     "TORCHVISION_DATASETS",
@@ -62,6 +63,33 @@ __all__ = [
     "field_names",
     "unknown_field_message",
 ]
+
+
+NOT_TRAINED_FIELDS = frozenset(
+    {
+        "name",
+        "out_dir",
+        "preset",
+        "data.root",
+        "data.download",
+        "data.placement",
+        "device",
+        "dist_timeout_s",
+        "optim.compile",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "num_samples",
+        "sample_steps",
+        "sample_clip",
+        "fid_every",
+        "fid_samples",
+        "fid_ref",
+    }
+)
+"""Fields (dotted, as ``--set`` takes them) that do not change what a run trains: where it runs, what it logs.
+The one list: a resume may change them (``fedrun.rundir.RESUMABLE_CHANGES`` adds a few more) and a report never
+keeps runs apart by them (``evaluation.report``)."""
 
 
 @dataclass

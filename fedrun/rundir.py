@@ -24,33 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data.root",
-        "data.download",
-        "data.placement",
-        "federation.rounds",
-        "out_dir",
-        "name",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "sample_every",
-        "num_samples",
-        "sample_steps",
-        "sample_clip",
-        "fid_every",
-        "fid_samples",
-        "fid_ref",
-        "device",
-        "dist_timeout_s",
-        "preset",
-        "optim.compile",
-        "optim.amp",
-        "threads",
-    }
-)
-"""Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are,
-how long it runs, what it logs, how fast it computes. Any other difference changes the result and is refused."""
+from fedrun.config import NOT_TRAINED_FIELDS
+
+RESUMABLE_CHANGES = NOT_TRAINED_FIELDS | {"federation.rounds", "optim.amp", "threads"}
+"""Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are and
+what it logs (``NOT_TRAINED_FIELDS``), how long it runs and how fast it computes (rounds, amp, threads). Any
+other difference changes the result and is refused."""
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
