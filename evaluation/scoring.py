@@ -84,7 +84,7 @@ def default_reference(cfg: RunConfig) -> str:
             f"no default reference for dataset {cfg.data.dataset!r}: pass --ref "
             "(a statistics .npz, an image folder, or e.g. fashion-mnist:test)"
         )
-    return f"{cfg.data.dataset}:test"
+    return cfg.test_split()
 
 
 def reference_of_run(
@@ -113,7 +113,7 @@ def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
     The reference statistics are loaded once, here; computed ones are cached under ``cache_dir/fid_stats``
     (``cache_dir``: fedrun's cache directory, e.g. ``evaluation.reference.default_cache_dir()``).
     """
-    ref = cfg.fid_ref or default_reference(cfg)
+    ref = cfg.fid_ref or default_reference(cfg)  # default_reference checks the dataset has a test split
     channels, size = image_shape(cfg)
     stats = reference_of_run(
         cfg, ref, device=device, cache_dirs=[stats_cache_dir(cache_dir)], sink=rank_sink(dist.rank() == 0)

@@ -167,6 +167,14 @@ class RunConfig:
         )
         return Path(self.out_dir) / name
 
+    def test_split(self) -> str:
+        """The paper's FID reference for this run: its dataset's test split ('fashion-mnist:test')."""
+        return f"{self.data.dataset}:test"
+
+    def training_fid_ref(self) -> str:
+        """The reference of FID during training: ``fid_ref``, else the test split."""
+        return self.fid_ref or self.test_split()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

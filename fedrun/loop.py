@@ -368,7 +368,7 @@ class Run:
             for k, v in sorted(scores.items()):
                 self.sink.scalar(f"fid/train/{self._label(k)}", v, rnd)
         self.sink.scalar("fid/train", mean, rnd)
-        ref = self.cfg.fid_ref or f"{self.cfg.data.dataset}:test"
+        ref = self.cfg.training_fid_ref()
         self.sink.info(f"round {rnd}: FID {mean:.2f} ({len(scores)} model(s), {self.cfg.fid_samples} samples vs {ref})")
 
     def finish(self) -> None:
