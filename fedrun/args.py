@@ -1,8 +1,8 @@
 """Command-line arguments that build a ``RunConfig``: preset, ``--config`` file, shortcut flags, ``--set``.
 
 Every command that runs or describes a run (train, config, info, submit, sweep) takes the same arguments
-through ``add_config_arguments`` and reads them back with ``config_from_args``; ``config_to_argv`` is the
-reverse. Torch-free, so that parsing and ``--help`` stay fast.
+through ``add_config_arguments`` and reads them back with ``config_from_args``.
+Torch-free, so that parsing and ``--help`` stay fast.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from fedrun.config import (
     ConfigError,
     RunConfig,
     apply_overrides,
-    field_names,
 )
 from fedrun.methods import METHOD_NAMES
 from fedrun.presets import PRESETS, get_preset
@@ -120,17 +119,3 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         k, v = item.split("=", 1)
         overrides[k.strip()] = v.strip()
     return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def config_to_argv(cfg: RunConfig) -> list[str]:
-    """The reverse: argv that rebuilds ``cfg`` exactly (used to launch tasks on Slurm)."""
-    argv: list[str] = []
-    flat, flat_default = cfg.to_flat_dict(), RunConfig().to_flat_dict()
-    for k in field_names():
-        v = flat[k]
-        # data.root always: its default depends on the environment ($FEDRUN_DATA) of whoever parses it.
-        if v != flat_default[k] or k == "data.root":
-            if isinstance(v, (list, tuple)):
-                v = ",".join(str(x) for x in v)
-            argv += ["--set", f"{k}={'none' if v is None else v}"]
-    return ["--preset", "paper-fmnist"] + argv  # paper-fmnist == RunConfig() defaults

@@ -85,7 +85,7 @@ def collective_bytes_per_round(
     """Bytes one rank's all-reduce carries in this round: every shared parameter plus one weight slot
     per shared group, at 2 bytes for bf16 else ``dtype_bytes``. ``named_sizes``: group -> its number of
     parameters, or the list of its tensors' sizes. (Under bf16 the first sync without a reference goes in
-    fp32, see ``Averager``.) A ring all-reduce then sends about 2 (W-1)/W times this per rank."""
+    fp32, see ``fedrun.exchange.Exchange``.) A ring all-reduce then sends about 2 (W-1)/W times this per rank."""
     shared = plan.shared_groups()
     if not shared:
         return 0
