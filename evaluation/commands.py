@@ -103,14 +103,7 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=_positive_int, default=250, help="sampling batch size per rank")
     p.add_argument("--fid-batch-size", type=_positive_int, default=50, help="Inception batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: each rank its GPU)")
-    p.add_argument("--data-root", default=None, help="dataset root (default: the run's data.root)")
-    p.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)",
-    )
+    _add_scoring_arguments(p, "auto, cpu, cuda (under torchrun: each rank its GPU)", "the run's data.root")
     p.add_argument(
         "--dist-timeout-s",
         type=_positive_int,
@@ -119,6 +112,18 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
         help="bound on every collective under torchrun (default: the run's dist_timeout_s)",
     )
     p.set_defaults(func=run_eval)
+
+
+def _add_scoring_arguments(p: argparse.ArgumentParser, device_help: str, data_root_default: str) -> None:
+    """--device, --data-root and --inception-weights: what every command that runs Inception takes."""
+    p.add_argument("--device", default="auto", help=device_help)
+    p.add_argument("--data-root", default=None, help=f"dataset root (default: {data_root_default})")
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)",
+    )
 
 
 def _register_fid(sub: argparse._SubParsersAction) -> None:
@@ -156,14 +161,7 @@ def _register_fid(sub: argparse._SubParsersAction) -> None:
         help="take at most this many images from each source (the first ones)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=50, help="Inception batch size")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--data-root", default=None, help="dataset root (default: $FEDRUN_DATA)")
-    p.add_argument(
-        "--inception-weights",
-        default=None,
-        metavar="PATH",
-        help=f"pytorch-fid's {WEIGHTS_FILENAME} (default: $TORCH_HOME/hub/checkpoints/)",
-    )
+    _add_scoring_arguments(p, "auto, cpu, cuda, cuda:1 ...", "$FEDRUN_DATA")
     p.set_defaults(func=run_fid)
 
 
