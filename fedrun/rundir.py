@@ -185,8 +185,11 @@ class RunDir:
             return False
         return got is None or got == rounds
 
-    def mark_done(self, rounds: int) -> None:
-        atomic_write_json(self.done, {"rounds": rounds, "time": time.time()})
+    def mark_done(self, rounds: int, stopped_after: int | None = None, reason: str | None = None) -> None:
+        """DONE for a run of ``rounds`` rounds; one that ended early (a privacy budget) also says after which
+        round and why (it counts as finished: running it again would stop at once)."""
+        early = {} if reason is None else {"stopped_after": stopped_after, "reason": reason}
+        atomic_write_json(self.done, {"rounds": rounds, "time": time.time(), **early})
 
     def clear_done(self) -> None:
         self.done.unlink(missing_ok=True)
