@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = frozenset(
         "data.download",
         "data.placement",
         "federation.rounds",
+        "federation.dp_epsilon_budget",  # like rounds, how long the run goes: raise both to continue a stopped run
         "out_dir",
         "name",
         "checkpoint_every",
