@@ -99,6 +99,22 @@ def test_dp_clips_every_update_to_c_over_its_shared_groups():
     assert torch.equal(states[1]["enc.weight"].detach(), before[1]["enc.weight"])  # local: untouched
 
 
+def test_dp_noise_on_the_average_has_the_gaussian_mechanisms_variance():
+    # Every client holds the reference (no change): the new values minus ref are the noise of the average,
+    # N(0, sigma^2 C^2) / n_g per element, with n_g a group's contributors (usplit: fewer than K).
+    big = nn.Linear(400, 250)  # 100,250 values: the variance to 0.5% (3% allowed)
+    ref = {n: p.detach().clone() for n, p in big.named_parameters()}
+    names = {U: list(ref)}
+    sigma, clip, K = 2.0, 0.3, 4
+    ex = Exchange(names, [1] * K, privacy=Privacy(PrivacySettings(clip, sigma, None)))
+    ex.set_reference(ref)
+    states = {k: {n: t.clone() for n, t in ref.items()} for k in range(K)}
+    ex.sync(plan_round("udec", 1, K, 0), states)
+    noise = torch.cat([(states[0][n] - ref[n]).flatten().double() for n in ref])
+    assert noise.var().item() == pytest.approx((sigma * clip / K) ** 2, rel=0.03)
+    assert all(torch.equal(states[k][n], states[0][n]) for k in range(K) for n in ref)  # the same on every client
+
+
 def test_privacy_needs_the_reference():
     ex = Exchange(NAMES, [1, 1], privacy=Privacy(PrivacySettings(1.0, 1.0, None)))
     with pytest.raises(RuntimeError, match="no[n]e|set_reference"):

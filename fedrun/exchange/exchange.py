@@ -71,6 +71,8 @@ class Exchange:
         bucket_bytes: bytes on the wire per collective: the shared parameters are cut into buckets of about
             this size at parameter boundaries (the weight slots end the last bucket); None = one bucket.
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
+        privacy: DP-FedAvg's clipping and noise and/or secure aggregation's masks (``fedrun.exchange.private``);
+            every sync then sends changes against the reference (``set_reference`` first).
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -116,9 +118,9 @@ class Exchange:
         self.transport = Transport(group)
         self.server = FedAvg()
         self.reference = Reference(self.named_groups)
+        """bf16 and privacy: the last averaged value of every shared parameter, identical on every rank."""
         self.privacy = privacy
         """DP clipping and noise, secure aggregation (``fedrun.exchange.private``): changes against the reference."""
-        """bf16: the last averaged value of every shared parameter, identical on every rank."""
         self.adopted: Adopted | None = None
         """After ``adopt``: the flat tensor the module's parameters live in."""
         self.packed_layout: Layout | None = None
@@ -137,8 +139,8 @@ class Exchange:
         return self.transport.world_size
 
     def set_reference(self, params: Mapping[str, Tensor]) -> None:
-        """bf16 only: values every client holds now, identical on every rank (e.g. the broadcast initial
-        model), so that even the first sync exchanges changes in bf16. Call it on every rank alike."""
+        """bf16 or privacy: values every client holds now, identical on every rank (e.g. the broadcast initial
+        model), so that even the first sync exchanges changes (privacy needs them). Call it on every rank alike."""
         if self._sends_changes:
             self.reference.set(params)
 
