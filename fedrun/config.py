@@ -149,6 +149,13 @@ class RunConfig:
         choice("device", self.device.split(":")[0], DEVICES)
         check(self.threads >= 0, "threads", self.threads, "allowed: 0 (auto) or a positive integer")
         check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")
+        check(
+            not (self.federation.dp and self.optim.ema_decay),
+            "optim.ema_decay",
+            self.optim.ema_decay,
+            "with DP the EMA models would be averaged once more at the end, a release the accountant does not "
+            "count: set optim.ema_decay=none",
+        )
         if self.name is not None:
             # The run directory stays inside out_dir: a name is a relative path without '..'.
             name = Path(self.name)

@@ -36,6 +36,7 @@ from fedrun.exchange.adopt import Adopted
 from fedrun.hooks import Scorer, ScorerFactory
 from fedrun.methods import GROUPS, RoundPlan, get_method
 from fedrun.output import ConsoleSink, Sink, rank_sink
+from fedrun.privacy.run import RunPrivacy, round_text
 from fedrun.resume import agree_round, claim, gather_ints, resume_counters
 from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes
 from fedrun.setup import setup_clients
@@ -91,6 +92,7 @@ class Run:
         self.last_checkpoint = 0
         """The newest round checkpointed (or resumed from): kept when the run stops."""
         self.comm_log = CommLog()  # replaced by resume(), which knows the totals so far
+        self.privacy = RunPrivacy.create(cfg.federation)  # DP's accountant (None: no DP, no secure aggregation)
         self._scorer_factory = scorer_factory
         self._scorer: Scorer | None = None
 
@@ -128,6 +130,8 @@ class Run:
         needed += [ckpt.shared_file(Path()).name] if self.ctx.is_main else []
         self.start_round, rdir = agree_round(self.dir, needed, self.ctx.is_main, self._warn)
         counters = resume_counters(rdir, self.ctx.is_main)
+        if self.privacy is not None:  # epsilon continues from the checkpoint's accountant
+            self.privacy.resume(rdir, self.ctx.is_main)
         if rdir is not None:
             for k, client in h.clients.items():
                 client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
@@ -182,8 +186,9 @@ class Run:
         all_losses = {k: v for rank_losses, _, _ in per_rank for k, v in rank_losses.items()}
         paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
         collective = self.ctx.world_size > 1  # one process averages in memory: its 0 bytes mean none, not free
+        priv = self.privacy.after_round(rnd, h.exchange.privacy, self.sink, self._warn) if self.privacy else {}
         row = self.comm_log.append(
-            rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s, collective=collective
+            rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s, collective=collective, extra=priv
         )
         stats = RoundStats(
             rnd,
@@ -204,9 +209,8 @@ class Run:
         sink.scalar("time/compute_s", compute_s, rnd)
         sink.scalar("time/sync_s", sync_s, rnd)
         sink.scalar("throughput/images_per_s", stats.images_per_s, rnd)
-        sink.end_round(
-            rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s, comm=wire_text(sync.bytes, collective)
-        )
+        comm = wire_text(sync.bytes, collective) + round_text(priv)
+        sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s, comm=comm)
         return stats
 
     def _check_finite(self, rnd: int, losses: dict[int, float]) -> None:
@@ -258,6 +262,7 @@ class Run:
                 "round": rnd,
                 "config": self.cfg.to_json(),
                 "counters": self.comm_log.counters(),
+                **({"privacy": self.privacy.state_dict()} if self.privacy else {}),
             }
         try:
             ckpt.write_part(rdir, self.ctx.rank, files)
@@ -371,12 +376,13 @@ class Run:
         ref = self.cfg.training_fid_ref()
         self.sink.info(f"round {rnd}: FID {mean:.2f} ({len(scores)} model(s), {self.cfg.fid_samples} samples vs {ref})")
 
-    def finish(self) -> None:
-        """Close the event files, then mark the run DONE once every rank has written its outputs."""
+    def finish(self, stopped_after: int | None = None, reason: str | None = None) -> None:
+        """Close the event files, then mark the run DONE once every rank has written its outputs (with the
+        reason when it stopped early, after round ``stopped_after``)."""
         self.sink.close()
         dist.barrier()
         if self.ctx.is_main:
-            self.dir.mark_done(self.cfg.federation.rounds)
+            self.dir.mark_done(self.cfg.federation.rounds, stopped_after, reason)
             self.sink.info(f"done; outputs in {self.dir.root} (tensorboard --logdir {self.cfg.out_dir})")
 
 

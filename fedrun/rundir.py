@@ -26,10 +26,15 @@ from typing import Any
 
 from fedrun.config import NOT_TRAINED_FIELDS
 
-RESUMABLE_CHANGES = NOT_TRAINED_FIELDS | {"federation.rounds", "optim.amp", "threads"}
+RESUMABLE_CHANGES = NOT_TRAINED_FIELDS | {
+    "federation.rounds",
+    "federation.dp_epsilon_budget",  # like rounds, how long the run goes: raise both to continue a stopped run
+    "optim.amp",
+    "threads",
+}
 """Config fields (dotted, as ``--set`` takes them) that may change when a run is resumed: where things are and
-what it logs (``NOT_TRAINED_FIELDS``), how long it runs and how fast it computes (rounds, amp, threads). Any
-other difference changes the result and is refused."""
+what it logs (``NOT_TRAINED_FIELDS``), how long it runs (rounds, the privacy budget) and how fast it computes
+(amp, threads). Any other difference changes the result and is refused."""
 
 
 def config_differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -164,8 +169,11 @@ class RunDir:
             return False
         return got is None or got == rounds
 
-    def mark_done(self, rounds: int) -> None:
-        atomic_write_json(self.done, {"rounds": rounds, "time": time.time()})
+    def mark_done(self, rounds: int, stopped_after: int | None = None, reason: str | None = None) -> None:
+        """DONE for a run of ``rounds`` rounds; one that ended early (a privacy budget) also says after which
+        round and why (it counts as finished: running it again would stop at once)."""
+        early = {} if reason is None else {"stopped_after": stopped_after, "reason": reason}
+        atomic_write_json(self.done, {"rounds": rounds, "time": time.time(), **early})
 
     def clear_done(self) -> None:
         self.done.unlink(missing_ok=True)

@@ -24,6 +24,10 @@ LOSSES = ("huber", "l2")
 EXCHANGE_DTYPES = ("fp32", "bf16")
 """What the exchange may send: fp32, or bf16 (half the bytes); ``fedrun.exchange`` imports it from here."""
 AMP_DTYPES = ("auto", "fp32", "bf16")
+WEIGHTINGS = ("auto", "size", "uniform")
+"""FedAvg's client weights: by data size, uniform, or auto (uniform with DP, else size)."""
+SECAGG_DTYPES = ("fp32",)
+"""The exchange dtypes secure aggregation supports: its wire is int64 fixed point, made from fp32 values."""
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -153,6 +157,21 @@ class FederationConfig:
     """Dtype of what is exchanged: fp32, or bf16 (half the bytes)."""
     seed: int = 2023
     """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
+    weighting: str = "auto"
+    """FedAvg's client weights: 'size' (|D_k|, the paper), 'uniform', or 'auto' (uniform with DP, else size)."""
+    dp_clip: float | None = None
+    """DP-FedAvg: the L2 norm C every client's update (over its shared groups) is clipped to; None = no DP."""
+    dp_noise_multiplier: float = 1.0
+    """DP-FedAvg: sigma, the noise std on the sum of the clipped updates divided by C."""
+    dp_delta: float = 1e-5
+    """DP-FedAvg: the delta at which epsilon is reported."""
+    dp_epsilon_budget: float | None = None
+    """DP-FedAvg: stop (checkpoint, DONE with the reason) before the round that would exceed this epsilon."""
+    secure_aggregation: bool = False
+    """Mask every client's update with pairwise masks so that peers and the wire see only the sum."""
+    secagg_range: float | None = None
+    """Secure aggregation: the largest |value| of a client's update in the fixed-point encoding (larger ones
+    are saturated and reported); None = from the clip with DP, else 1.0."""
 
     def __post_init__(self) -> None:
         check_types(self, "federation.")
@@ -170,6 +189,56 @@ class FederationConfig:
         choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
         # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
         check(0 <= self.seed < 2**32, "federation.seed", self.seed, "allowed: an integer from 0 to 2**32 - 1")
+        self._check_privacy()
+
+    @property
+    def dp(self) -> bool:
+        """Whether DP-FedAvg is on (``dp_clip`` set)."""
+        return self.dp_clip is not None
+
+    @property
+    def fedavg_weighting(self) -> str:
+        """'size' or 'uniform': ``weighting`` with 'auto' resolved (uniform with DP, the standard analysis)."""
+        return ("uniform" if self.dp else "size") if self.weighting == "auto" else self.weighting
+
+    def _check_privacy(self) -> None:
+        """The privacy fields and the combinations they refuse (one line each, before any process starts)."""
+        choice("federation.weighting", self.weighting, WEIGHTINGS)
+        if self.dp_clip is not None:
+            check(self.dp_clip > 0, "federation.dp_clip", self.dp_clip, "allowed: > 0, or none for no DP")
+            check(
+                self.weighting != "size",
+                "federation.weighting",
+                self.weighting,
+                "DP-FedAvg weights clients uniformly: a size-weighted average moves by up to max_k w_k*C "
+                "(not C/n, which the noise is calibrated to) and its weights reveal the clients' sizes; "
+                "use weighting=uniform or auto",
+            )
+        check(
+            self.dp_noise_multiplier > 0,
+            "federation.dp_noise_multiplier",
+            self.dp_noise_multiplier,
+            "allowed: > 0",
+        )
+        check(0 < self.dp_delta < 1, "federation.dp_delta", self.dp_delta, "allowed: 0 < delta < 1")
+        if self.dp_epsilon_budget is not None:
+            check(self.dp_epsilon_budget > 0, "federation.dp_epsilon_budget", self.dp_epsilon_budget, "allowed: > 0")
+            check(
+                self.dp,
+                "federation.dp_epsilon_budget",
+                self.dp_epsilon_budget,
+                "a privacy budget needs DP on: set federation.dp_clip",
+            )
+        if self.secagg_range is not None:
+            check(self.secagg_range > 0, "federation.secagg_range", self.secagg_range, "allowed: > 0 or none")
+        if self.secure_aggregation:
+            check(
+                self.exchange_dtype in SECAGG_DTYPES,
+                "federation.exchange_dtype",
+                self.exchange_dtype,
+                "secure aggregation sums int64 fixed point made from fp32 values; allowed with it: "
+                + ", ".join(SECAGG_DTYPES),
+            )
 
 
 @dataclass

@@ -22,6 +22,7 @@ from fedrun.data import ClientData, load_client_data
 from fedrun.exchange import Exchange
 from fedrun.methods import Method
 from fedrun.output import Sink
+from fedrun.privacy.run import build_privacy
 from unet import EMA, GaussianDiffusion, group_sizes, parameter_groups
 
 
@@ -55,7 +56,10 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     hosted = dist.hosted_clients(ctx.rank, ctx.world_size, fed.clients)
     data, sizes = _load_data(cfg, hosted)
     model, diffusion, groups = _initial_model(cfg, method, ctx.device)
-    exchange = Exchange(groups, sizes, exchange_dtype=fed.exchange_dtype)
+    # With DP the clients weigh alike (the sensitivity analysis; FederationConfig.fedavg_weighting).
+    weights = sizes if fed.fedavg_weighting == "size" else [1] * fed.clients
+    privacy = build_privacy(fed, hosted, sink.warn)  # secure aggregation's key exchange: every rank
+    exchange = Exchange(groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy)
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.

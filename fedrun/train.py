@@ -14,6 +14,7 @@ from fedrun.agreement import check_run_config
 from fedrun.config import ConfigError, RunConfig
 from fedrun.hooks import ScorerFactory
 from fedrun.loop import Run
+from fedrun.privacy.run import check_before_start
 from fedrun.threads import apply_threads, restore_threads
 
 
@@ -35,6 +36,7 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
             f"invalid federation.clients={K}: fewer clients than the {W} ranks; "
             f"every rank hosts at least one client (use --clients >= {W})"
         )
+    check_before_start(cfg)  # the privacy extra installed, a budget that fits a round: before the process group
     ctx = dist.init_distributed(cfg.device, cfg.dist_timeout_s)
     # Chosen on purpose (fedrun.threads): on a busy CPU the count swings a step's speed 5-10x.
     threads = apply_threads(cfg.threads)
@@ -46,7 +48,15 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
         run.sink.info(threads.describe())
         with run:  # closes the sink, also on an error
             run.resume()
+            last, stop = rounds, None
             for r in run.rounds():
+                stop = run.privacy.stop_reason(r) if run.privacy else None
+                if stop:  # a privacy budget: the rounds so far are checkpointed, the run ends here
+                    last = r - 1
+                    if run.last_checkpoint < last:
+                        run.checkpoint(last)
+                    run.sink.info(stop)
+                    break
                 run.round(r)
                 if cfg.sample_every and r % cfg.sample_every == 0 and r != rounds:
                     run.sample_grids(r)
@@ -56,8 +66,8 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
                     run.checkpoint(r)
                 run.sink.flush()
             run.export_models()
-            run.sample_grids(rounds, final=True)  # the last round's grids also go to samples/*.png
-            run.finish()
+            run.sample_grids(last, final=True)  # the last round's grids also go to samples/*.png
+            run.finish(last if stop else None, stop)
         return run.dir.root
     finally:
         dist.cleanup()

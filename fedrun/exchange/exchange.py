@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
 from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
+from fedrun.exchange.private import Privacy
 from fedrun.exchange.reference import GroupReference, Reference
 from fedrun.exchange.server import FedAvg, write_back
 from fedrun.exchange.transport import Transport, wait_all
@@ -70,6 +71,8 @@ class Exchange:
         bucket_bytes: bytes on the wire per collective: the shared parameters are cut into buckets of about
             this size at parameter boundaries (the weight slots end the last bucket); None = one bucket.
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
+        privacy: DP-FedAvg's clipping and noise and/or secure aggregation's masks (``fedrun.exchange.private``);
+            every sync then sends changes against the reference (``set_reference`` first).
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -89,6 +92,7 @@ class Exchange:
         group: dist.ProcessGroup | None = None,
         exchange_dtype: str = "fp32",
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+        privacy: Privacy | None = None,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -114,7 +118,9 @@ class Exchange:
         self.transport = Transport(group)
         self.server = FedAvg()
         self.reference = Reference(self.named_groups)
-        """bf16: the last averaged value of every shared parameter, identical on every rank."""
+        """bf16 and privacy: the last averaged value of every shared parameter, identical on every rank."""
+        self.privacy = privacy
+        """DP clipping and noise, secure aggregation (``fedrun.exchange.private``): changes against the reference."""
         self.adopted: Adopted | None = None
         """After ``adopt``: the flat tensor the module's parameters live in."""
         self.packed_layout: Layout | None = None
@@ -124,13 +130,18 @@ class Exchange:
         self._names_of: dict[tuple[str, ...], list[str]] = {}
 
     @property
+    def _sends_changes(self) -> bool:
+        """Whether syncs send changes against a reference: bf16 (once it exists), and always with privacy."""
+        return self.exchange_dtype == "bf16" or self.privacy is not None
+
+    @property
     def world_size(self) -> int:
         return self.transport.world_size
 
     def set_reference(self, params: Mapping[str, Tensor]) -> None:
-        """bf16 only: values every client holds now, identical on every rank (e.g. the broadcast initial
-        model), so that even the first sync exchanges changes in bf16. Call it on every rank alike."""
-        if self.exchange_dtype == "bf16":
+        """bf16 or privacy: values every client holds now, identical on every rank (e.g. the broadcast initial
+        model), so that even the first sync exchanges changes (privacy needs them). Call it on every rank alike."""
+        if self._sends_changes:
             self.reference.set(params)
 
     def reset_reference(self) -> None:
@@ -172,10 +183,17 @@ class Exchange:
         run = self._adopted_run(share.groups, first, len(hosted))
         sig = self._signature(share.groups, first, run)
         refs = self._references(share.groups, sig, accumulation_dtype(first), device)
-        update = choose_update(self.exchange_dtype, refs is not None)
+        private = self.privacy
+        update = (
+            choose_update(self.exchange_dtype, refs is not None)
+            if private is None
+            else private.kind(self.exchange_dtype, refs)
+        )
         layout = self._layout(share.groups, first, sig, update, device, run)
         # Every hosted client receives every shared group: check them all before the first collective.
         sources = {k: first if i == 0 else self._client(layout, k, client_params[k]) for i, k in enumerate(hosted)}
+        if private is not None and refs is not None:
+            update = private.prepare(update, plan, share, layout, sources, refs)
         tol = slot_tolerance(layout.wire.dtype)
         alone = self.world_size == 1
         if alone:  # the local slots are the sums: check them before anything is written
@@ -185,7 +203,7 @@ class Exchange:
         try:
             wait_all(handles)
             if not alone:
-                check_weight_sums(plan.round, share.groups, layout.wire_slots.tolist(), tol, written)
+                check_weight_sums(plan.round, share.groups, update.decode_slots(layout.wire_slots), tol, written)
             written = True
             self._receive(layout, update, refs, [sources[k] for k in hosted], device)
         except BaseException as e:
@@ -206,8 +224,8 @@ class Exchange:
     def _references(
         self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device
     ) -> list[GroupReference] | None:
-        """bf16: every shared group's reference, laid out like its run; None unless all of them exist."""
-        if self.exchange_dtype != "bf16":
+        """bf16 or privacy: every shared group's reference, laid out like its run; None unless all exist."""
+        if not self._sends_changes:
             return None
         pos, refs = 0, []
         for g in groups:
@@ -233,7 +251,7 @@ class Exchange:
             ref = None if refs is None else refs[part.group].flat[part.glo : part.glo + part.hi - part.lo]
             update.accumulate(layout, part, share.contributors[part.group], sources, ref)
         if bucket is layout.buckets[-1]:
-            layout.wire_slots.copy_(torch.tensor(share.slots, dtype=torch.float64))
+            layout.wire_slots.copy_(update.encode_slots(share.slots))
 
     def _receive(
         self,

@@ -82,6 +82,14 @@ class Update:
         if part.wire is not part.seg:
             part.seg.copy_(part.wire)
 
+    def encode_slots(self, slots: Sequence[float]) -> Tensor:
+        """This rank's weight slots as the wire carries them (float64, cast by the copy into the wire)."""
+        return torch.tensor(list(slots), dtype=torch.float64)
+
+    def decode_slots(self, wire_slots: Tensor) -> list[float]:
+        """The summed weight slots, read back from the wire."""
+        return wire_slots.tolist()
+
 
 VALUES = Update(changes=False, wire_dtype=None)
 BF16_CHANGES = Update(changes=True, wire_dtype=torch.bfloat16)
