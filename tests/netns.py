@@ -4,18 +4,19 @@
 
 - a network namespace with loopback up and one end of a veth pair, named ``fedrun0`` on both hosts (as every
   node of a cluster has its ``eth0``, so one ``GLOO_SOCKET_IFNAME`` serves every host);
-- its own ``/etc/hosts`` naming both hosts and an empty ``resolv.conf`` (``ip netns exec`` bind-mounts
-  ``/etc/netns/NAME/*`` over ``/etc``), so ``hosta``/``hostb`` resolve the same everywhere;
-- its own hostname: every command runs in a UTS namespace of its own (``unshare --uts``) named after its host,
-  so torchrun's agents and slurmd see two machines, as on a cluster.
+- its own ``/etc/hosts`` naming both hosts and an empty ``resolv.conf`` (``/etc/netns/NAME/*``, bind-mounted over
+  ``/etc`` as ``ip netns exec`` does), so ``hosta``/``hostb`` resolve the same everywhere;
+- its own hostname: every command runs in UTS and mount namespaces of its own (``unshare``) named after its
+  host, so torchrun's agents and slurmd see two machines, as on a cluster.
 
 No default route, no NAT, nothing on the real interfaces: the veth is created inside the namespaces, so a packet
 can only reach the other namespace or loopback. Everything is removed on exit, also after a failure; names carry
 the pid and a random token, so parallel runs never collide, and namespaces left by a killed run (its pid gone) are
 removed by the next one.
 
-Needs root, ``ip`` (iproute2) and ``unshare`` (util-linux). ``NamespacesUnavailable`` says why when they cannot be
-made. Try it by hand: ``sudo python tests/netns.py`` runs ``hostname; ip -br addr`` on each host and cleans up.
+Needs root, ``ip`` (iproute2), ``nsenter`` and ``unshare`` (util-linux). ``NamespacesUnavailable`` says why when
+they cannot be made. Try it by hand: ``sudo python tests/netns.py`` shows each host's name, addresses and routes,
+then removes them.
 """
 
 from __future__ import annotations
@@ -53,10 +54,17 @@ class Host:
     """The network namespace's name."""
 
     def argv(self, cmd: Sequence[str]) -> list[str]:
-        """``cmd`` run on this host: in its network namespace, under its hostname (ip netns exec and unshare exec
-        the command, so the pid of the process started is the command's own)."""
-        inner = 'hostname "$0" && exec "$@"'
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "sh", "-c", inner, self.hostname, *cmd]
+        """``cmd`` run on this host: in its network namespace, under its hostname, with its /etc/hosts.
+
+        What ``ip netns exec`` does, less its remount of /sys (that would hide /sys/fs/cgroup, which slurmd needs):
+        nsenter, unshare and sh exec the command, so the pid of the process started is the command's own."""
+        etc = ETC_NETNS / self.netns
+        inner = (
+            f"mount --bind {etc}/hosts /etc/hosts && mount --bind {etc}/resolv.conf /etc/resolv.conf"
+            ' && hostname "$0" && exec "$@"'
+        )
+        ns = ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts"]
+        return [*ns, "sh", "-c", inner, self.hostname, *cmd]
 
     def run(self, cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("capture_output", True)
@@ -102,7 +110,7 @@ def unavailable_reason() -> str | None:
     """Why namespaces cannot be made here, from what can be seen without making one (None: try)."""
     if os.geteuid() != 0:
         return "network namespaces need root (run the multinode tests as root: sudo python -m pytest -m multinode)"
-    for tool, pkg in (("ip", "iproute2"), ("unshare", "util-linux")):
+    for tool, pkg in (("ip", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
             return f"`{tool}` not found: install {pkg}"
     return None
@@ -113,6 +121,18 @@ def _rmdir_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass  # not empty (another run's, or the system's) or already gone
+
+
+def kill_inside(netns: str) -> list[int]:
+    """SIGKILL every process still in the namespace (all started by this run: the namespace is its own)."""
+    res = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30)
+    pids = [int(p) for p in res.stdout.split()]
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return pids
 
 
 def _hosts_file(hosts: Sequence[Host]) -> str:
@@ -134,6 +154,7 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
         for h in (a, b):
             _ip("netns", "add", h.netns)
             cleanup.callback(subprocess.run, ["ip", "netns", "del", h.netns], capture_output=True, timeout=30)
+            cleanup.callback(kill_inside, h.netns)  # first: a namespace lives on while a process is in it
             etc = ETC_NETNS / h.netns
             cleanup.callback(shutil.rmtree, etc, ignore_errors=True)
             etc.mkdir(parents=True)
@@ -154,4 +175,5 @@ if __name__ == "__main__":
     with two_hosts() as hosts:
         for h in hosts:
             print(h.run(["sh", "-c", "hostname; ip -br addr; ip route; getent hosts hosta hostb"]).stdout)
+        print(hosts[0].run(["cat", "/etc/hosts"]).stdout, open("/etc/hosts").read()[:200])
         print(hosts[1].run(["ping", "-c", "1", "-W", "2", "hosta"]).stdout if shutil.which("ping") else "")

@@ -9,6 +9,7 @@ where namespaces cannot be made the tests skip with the reason, and fail with CI
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from netns import IFNAME, Host, NamespacesUnavailable, two_hosts
+from netns_slurm import Cluster, ClusterError, two_node_cluster
 
 pytestmark = [pytest.mark.multinode, pytest.mark.multiproc, pytest.mark.timeout(600)]
 
@@ -54,6 +56,8 @@ def env(on_link: bool = True) -> dict[str, str]:
     keep = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     keep.pop("MASTER_PORT", None)
     keep.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), keep.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+    # Slurm jobs find torchrun on PATH: this interpreter's
+    keep["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), keep.get("PATH", "")])
     if on_link:
         keep["GLOO_SOCKET_IFNAME"] = IFNAME
     return keep
@@ -161,9 +165,9 @@ def lose_host(proc: subprocess.Popen) -> list[int]:
 
 def link_bytes(host: Host) -> int:
     """Bytes sent plus received on the host's end of the link."""
-    stats = Path(f"/sys/class/net/{IFNAME}/statistics")
-    out = host.run(["cat", str(stats / "rx_bytes"), str(stats / "tx_bytes")], check=True).stdout.split()
-    return sum(map(int, out))
+    dev = host.run(["cat", "/proc/net/dev"], check=True).stdout  # this namespace's interfaces
+    fields = next(line.split(":", 1)[1].split() for line in dev.splitlines() if line.strip().startswith(IFNAME + ":"))
+    return int(fields[0]) + int(fields[8])  # received, transmitted
 
 
 def wait_for(path: Path, job: Job, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -271,3 +275,70 @@ def test_host_lost_without_restarts_fails_in_one_line_and_resumes(hosts, fmnist_
     assert res.returncode == 0, res.stderr[-4000:]
     assert f"after round {int(done.split('-')[-1])} of 3" in res.stderr
     assert_bit_identical(reference, load_models(tmp_path / "cut"))
+
+
+# -- Slurm: a two-node cluster of its own on the two hosts (tests/netns_slurm.py) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(hosts) -> Iterator[Cluster]:
+    stack = ExitStack()
+    try:
+        c = stack.enter_context(two_node_cluster(hosts))
+    except ClusterError as e:
+        if in_ci():
+            pytest.fail(f"CI=true but the two-node Slurm cluster did not start: {e}", pytrace=False)
+        pytest.skip(f"two-node Slurm cluster not available: {e}")
+    with stack:
+        yield c
+
+
+def wait_job(cluster: Cluster, job_id: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, str]:
+    """Until the job has ended; its final fields."""
+    deadline = time.monotonic() + timeout
+    while (job := cluster.job(job_id)).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", None):
+        if time.monotonic() > deadline:
+            cluster.run(["scancel", job_id])
+            pytest.fail(f"job {job_id} not finished after {timeout:.0f}s: {job}\n{cluster.logs()}")
+        time.sleep(0.5)
+    return job
+
+
+def test_slurm_submit_two_nodes_equals_one_host(cluster, fmnist_root, tmp_path, reference):
+    submit = [sys.executable, "-m", "fedrun", "submit", *train_args(fmnist_root, tmp_path, "sub")]
+    res = cluster.run([*submit, "--nodes", "2", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"],
+                      env=cluster.env(env()), cwd=REPO)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    job_id = re.search(r"submitted job (\d+): 4 rank\(s\) on 2 node\(s\)", res.stdout).group(1)
+    job = wait_job(cluster, job_id)
+    logs = "\n".join(
+        p.read_text(errors="replace")[-3000:] for p in sorted((tmp_path / "sub" / "slurm").glob("*_log.*"))
+    )
+    assert job["JobState"] == "COMPLETED", f"{job}\n{logs}"
+    assert job["NodeList"] == "hosta,hostb" and job["NumNodes"] == "2"
+    assert_bit_identical(reference, load_models(tmp_path / "sub"))
+
+
+def test_sbatch_template_two_nodes_requeued_resumes_identically(cluster, fmnist_root, tmp_path, reference):
+    """slurm/templates/multi_node.sbatch as a user submits it (CPU here: no GPUs, one CPU per torchrun), requeued
+    with `scontrol requeue` after its first checkpoint: the batch script runs again and resumes."""
+    run = tmp_path / "tpl"
+    sbatch = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+    script = REPO / "slurm" / "templates" / "multi_node.sbatch"
+    cmd = [*sbatch, f"--output={tmp_path}/%x-%j.out", str(script), *train_args(fmnist_root, tmp_path, "tpl")]
+    res = cluster.run(cmd, env=cluster.env({**env(), "FEDRUN_NPROC": "2"}), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (run / "checkpoints" / "latest").exists():
+        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job_id)
+        assert time.monotonic() < deadline, f"no checkpoint after {RUN_TIMEOUT_S}s"
+        time.sleep(0.05)
+    assert cluster.run(["scontrol", "requeue", job_id]).returncode == 0
+    assert not (run / "DONE").exists(), "the run finished before the requeue"
+    job = wait_job(cluster, job_id)
+    out = (tmp_path / f"fedrun-{job_id}.out").read_text(errors="replace")
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", f"{job}\n{out[-4000:]}"
+    assert job["NodeList"] == "hosta,hostb"
+    assert out.count("rendezvous hosta:") == 2 and re.search(r"resuming .* after round \d of 3", out), out[-4000:]
+    assert_bit_identical(reference, load_models(run))
