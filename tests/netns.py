@@ -103,6 +103,7 @@ def remove_stale() -> list[str]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
             shutil.rmtree(ETC_NETNS / name, ignore_errors=True)
             stale.append(name)
+    _rmdir_if_empty(ETC_NETNS)
     return stale
 
 

@@ -251,11 +251,9 @@ def test_host_lost_without_restarts_fails_in_one_line_and_resumes(hosts, fmnist_
     try:
         wait_for(tmp_path / "cut" / "checkpoints" / "latest", job)
         b.run(["ip", "link", "set", IFNAME, "down"], check=True)
-        lost_at = time.monotonic()
         lose_host(job.procs["hostb-0"])
         # never a hang: A ends within dist_timeout_s (plus its agent stopping the workers)
         assert job.wait("hosta-0", timeout=DIST_TIMEOUT_S + 60) != 0
-        waited = time.monotonic() - lost_at
     finally:
         job.kill_all()
         b.run(["ip", "link", "set", IFNAME, "up"], check=True)
@@ -265,7 +263,6 @@ def test_host_lost_without_restarts_fails_in_one_line_and_resumes(hosts, fmnist_
     ranks = [e.split(":")[2].strip() for e in errors]
     assert ranks and len(set(ranks)) == len(ranks) and set(ranks) <= {"rank 0", "rank 1"}, log[-4000:]
     assert all("stopped answering" in e and "dist_timeout_s" in e for e in errors), errors
-    assert waited < DIST_TIMEOUT_S + 60
 
     # The checkpoint is intact: the same run on one host resumes from it and ends as if never interrupted.
     done = (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip()
@@ -331,7 +328,7 @@ def test_sbatch_template_two_nodes_requeued_resumes_identically(cluster, fmnist_
     job_id = res.stdout.strip().split(";")[0]
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (run / "checkpoints" / "latest").exists():
-        assert cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING"), cluster.job(job_id)
+        assert cluster.job(job_id).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"), cluster.job(job_id)
         assert time.monotonic() < deadline, f"no checkpoint after {RUN_TIMEOUT_S}s"
         time.sleep(0.05)
     assert cluster.run(["scontrol", "requeue", job_id]).returncode == 0
