@@ -29,6 +29,8 @@ test-assets: install
 SLURM_BASE ?= $(or $(FEDRUN_SLURM_BASE),/tmp/fedrun-slurm)
 
 # pytest's exit status is kept; the last lines say whether a local Slurm is left running and how to stop it.
+# pytest runs the multinode tests too (tests/test_multinode.py): as root they make two hosts of network
+# namespaces and a two-node Slurm of their own, and remove them; elsewhere they skip (fail with CI=true).
 test: install lint test-assets
 	@bash slurm/start_cluster.sh || echo "make test: Slurm could not be started here; Slurm tests will be skipped"
 	@echo "$(PY) -m pytest -q"; $(PY) -m pytest -q; rc=$$?; \

@@ -127,14 +127,10 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        # torchrun --max-restarts keeps one rendezvous store across restarts of the group: without a
-        # per-attempt prefix the restarted ranks read the dead ranks' gloo/NCCL addresses from the
-        # previous attempt and fail with "Connection refused" (pytorch/pytorch#167288).
         store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout_s)))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            store=dist.PrefixStore(f"fedrun/attempt{attempt}", store),
+            store=_attempt_store(store),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
@@ -142,6 +138,19 @@ def init_distributed(device: str = "auto", timeout_s: int = 600) -> DistContext:
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistContext(rank, world_size, local_rank, backend, dev)
+
+
+def _attempt_store(store: dist.Store) -> dist.Store:
+    """The store of this attempt of the group: keys of an earlier attempt must never be read."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # A store of this attempt's own (torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 starts one per
+        # attempt; Slurm and plain env:// runs start once). No prefix: a restart count is each agent's own, so a
+        # host that is replaced (its agent starts again at 0) would land in another namespace (pytorch#135712).
+        return store
+    # torchrun's agent keeps one store across restarts of the group: without a per-attempt prefix the
+    # restarted ranks read the dead ranks' gloo/NCCL addresses from the previous attempt and fail with
+    # "Connection refused" (pytorch/pytorch#167288).
+    return dist.PrefixStore(f"fedrun/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup() -> None:
