@@ -21,8 +21,9 @@ TORCHVISION_DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba")
 DATASETS = (*TORCHVISION_DATASETS, "imagefolder")
 PLACEMENTS = ("auto", "device", "host")
 LOSSES = ("huber", "l2")
-EXCHANGE_DTYPES = ("fp32", "bf16")
-"""What the exchange may send: fp32, or bf16 (half the bytes); ``fedrun.exchange`` imports it from here."""
+EXCHANGE_DTYPES = ("fp32", "bf16", "int8")
+"""What the exchange may send: fp32, bf16 (half the bytes) or int8 blocks with error feedback (about a quarter);
+``fedrun.exchange`` imports it from here."""
 AMP_DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -150,7 +151,7 @@ class FederationConfig:
     usplit_train: str = "all"
     """USplit: train 'all' parameters (the paper's code) or only the 'assigned' part."""
     exchange_dtype: str = "fp32"
-    """Dtype of what is exchanged: fp32, or bf16 (half the bytes)."""
+    """Dtype of what is exchanged: fp32, bf16 (half the bytes) or int8 (a quarter, with error feedback)."""
     seed: int = 2023
     """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
 
