@@ -13,8 +13,9 @@ decomposition of a ring all-reduce, each half done by hand; ``fedrun.exchange.qu
 
 Both collectives carry ``Geometry.wire_bytes`` per rank (int8 codes, scales, slots): 25.4 % of the fp32
 buffer plus less than one block per rank of padding, and a rank's wire moves about 2 (W-1)/W of it, as for
-an all-reduce. gloo (CPU) and NCCL both support ``all_to_all_single`` and ``all_gather_single`` (called
-``all_gather_into_tensor`` before torch 2.10) on uint8 tensors, which is all this uses.
+an all-reduce. It uses ``all_to_all_single`` and ``all_gather_single`` (``all_gather_into_tensor`` in older
+torch) on uint8 tensors only: gloo supports both on CPU (torch 2.14, tested here with 2 and 3 ranks), NCCL
+on GPUs (not run here). No bucketing: the two collectives carry all shared groups at once.
 
 Error feedback is per *rank*: the rank quantises the exact fp32 sum of its hosted clients' weighted
 changes once (several virtual clients on one rank share one int8 upload, so they share one residual), and
@@ -84,6 +85,7 @@ class Int8Transport:
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, feedback: Int8Feedback) -> None:
         self.group, self.world, self.feedback = group, world_size, feedback
         self.rank = 0 if world_size == 1 else dist.get_rank(group)
+        self._padded: dict[tuple[Geometry, torch.device], Tensor] = {}  # the upload, its padding kept at 0
 
     def reduce(self, layout: Layout, fill: Callable[[Bucket], None], hosted: Sequence[int]) -> int:
         """Fill every bucket (weighted changes and slots), then steps 1-4: the average change into the buffer,
@@ -95,7 +97,9 @@ class Int8Transport:
         key = [self.world, self.rank, list(hosted), list(layout.groups), layout.numel]
         sender, owner = self.feedback.residuals(key, geo, layout.buffer.device)
         values = layout.buffer[: layout.numel]
-        x = torch.zeros(geo.padded, dtype=torch.float32, device=values.device)
+        x = self._padded.get((geo, values.device))
+        if x is None:
+            x = self._padded[(geo, values.device)] = torch.zeros(geo.padded, dtype=torch.float32, device=values.device)
         x[: layout.numel].copy_(values)
         q, s = sender.compress(x)  # step 1
         send = self._chunks(geo, layout.wire_slots.to(torch.float32), s.view(self.world, -1), q.view(self.world, -1))
