@@ -46,15 +46,18 @@ def quantise(x: Tensor) -> tuple[Tensor, Tensor]:
     blocks = x.view(-1, BLOCK)
     scale = blocks.abs().amax(dim=1).div_(QMAX)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # 0 / 1 = 0: a zero block stays 0
-    q = torch.round(blocks / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.div(blocks, safe[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q.view(-1), scale
 
 
 def dequantise(q: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
     """q_i s_b in float32, flat (into ``out`` when given): the value a receiver reads."""
     blocks = q.view(-1, BLOCK)
-    res = torch.mul(blocks, scale[:, None], out=None if out is None else out.view(-1, BLOCK))
-    return res.view(-1)
+    if out is None:
+        out = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
+    res = out.view(-1, BLOCK)
+    res.copy_(blocks)  # int8 -> float32, exact
+    return res.mul_(scale[:, None]).view(-1)
 
 
 class Residual:
