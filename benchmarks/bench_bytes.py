@@ -4,10 +4,13 @@ Computed with ``fedrun.comm.collective_bytes_per_round`` from the real parameter
 cross-checked by running real syncs (``Exchange.sync`` on 2 gloo ranks, one client each) and reading
 ``SyncStats.bytes``: a single process issues no collective, so its SyncStats.bytes is 0 by definition.
 
-With bf16 exchange the first sync of a run has no reference yet and goes in fp32 (see ``Exchange``; unless
-the caller gave one with ``set_reference``); the table shows that round and the steady state, plus the
-whole run of ``--rounds`` rounds. Ring all-reduce puts ~2 (W-1)/W times these bytes on each rank's wire,
-the same factor for every method, so the ratios hold for the wire too.
+With bf16 or int8 exchange the first sync of a run has no reference yet and goes in fp32 (see ``Exchange``;
+``fedrun train`` gives one with ``set_reference``, so there every round is bf16/int8); the table shows that
+round and the steady state, plus the whole run of ``--rounds`` rounds. int8 counts the codes, the fp32 block
+scales and the slots of its all-to-all (``fedrun.exchange.quant.Geometry``), which its all-gather returns in
+the same size. Ring all-reduce puts ~2 (W-1)/W times these bytes on each rank's wire, and so do int8's
+all-to-all and all-gather together: the same factor for every method and dtype, so the ratios hold for
+the wire too.
 
     python -m benchmarks.bench_bytes                     # paper UNet and Ho et al.'s UNet
 """
@@ -26,9 +29,9 @@ from unet import create_model, parameter_groups
 
 SHAPES = {"paper-unet": (28, 1), "ddpm-unet": (32, 3)}
 SEED = 2023
-DTYPES = ("fp32", "bf16")
-# ISSUE targets: UDec's bytes per round as a fraction of FULL fp32's.
-UDEC_LIMITS = {"fp32": 0.24, "bf16": 0.12}
+DTYPES = ("fp32", "bf16", "int8")
+# ISSUE targets: UDec's bytes per round as a fraction of FULL fp32's (int8: issue 14).
+UDEC_LIMITS = {"fp32": 0.24, "bf16": 0.12, "int8": 0.065}
 
 
 def build(arch: str) -> torch.nn.Module:
@@ -47,14 +50,15 @@ def computed(arch: str, clients: int, rounds: int) -> list[dict[str, Any]]:
     """Bytes per round from the comm function, for rounds 1..rounds of every method and dtype."""
     _, sizes = group_numels(build(arch))
     full = collective_bytes_per_round(plan_round("full", 1, clients, SEED), sizes, "fp32")
+    world = clients  # one client per rank
     rows = []
     for dtype in DTYPES:
         for method in METHODS:
             per_round = [
-                collective_bytes_per_round(plan_round(method, r, clients, SEED), sizes, dtype)
+                collective_bytes_per_round(plan_round(method, r, clients, SEED), sizes, dtype, world_size=world)
                 for r in range(1, rounds + 1)
             ]
-            # The first sync of a bf16 run has no reference: fp32 (the Exchange rule).
+            # The first sync of a bf16/int8 exchange without a reference: fp32 (the Exchange rule).
             first = collective_bytes_per_round(plan_round(method, 1, clients, SEED), sizes, "fp32")
             run_total = first + sum(per_round[1:])
             rows.append(
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     title = (
         f"Bytes handed to one rank's all-reduce per round, relative to FULL fp32 ({clients} ranks; "
-        f"run = {args.rounds} rounds, bf16's first sync in fp32)"
+        f"run = {args.rounds} rounds, bf16's and int8's first sync in fp32)"
     )
     headers = [
         "model",

@@ -15,12 +15,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fedrun.config import PLACEMENTS, RunConfig
 from unet import EMA, GaussianDiffusion
+
+if TYPE_CHECKING:
+    from fedrun.exchange.int8 import Int8Feedback
 
 
 def derive_seed(*parts: int) -> int:
@@ -44,6 +48,7 @@ class ClientState:
     offset: int = 0  # examples of that epoch's permutation already used
     last_loss: float = float("nan")
     perm: tuple[int, torch.Tensor] | None = None  # (epoch, its permutation): derived, never checkpointed
+    feedback: Int8Feedback | None = None  # int8 exchange: the rank's error feedback, on its lowest client
 
     @property
     def size(self) -> int:
@@ -59,6 +64,7 @@ class ClientState:
             "epoch": self.epoch,
             "offset": self.offset,
             "last_loss": self.last_loss,
+            **({"feedback": self.feedback.state_dict()} if self.feedback is not None else {}),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -71,6 +77,8 @@ class ClientState:
             self.ema.load_state_dict(sd["ema"])
         self.opt_state = sd["opt_state"]
         self.epoch, self.offset, self.last_loss = sd["epoch"], sd["offset"], sd["last_loss"]
+        if self.feedback is not None:  # a checkpoint without it (another exchange dtype): restart at 0
+            self.feedback.load_state_dict(sd.get("feedback"))
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:

@@ -28,6 +28,7 @@ TRAFFIC_TERMS = (
     "            the whole model in round 1, then the averaged groups, and uploads what it shares",
     "all-reduce  bytes one rank hands to its all-reduce in one round, what fedrun really sends (a ring moves",
     "            about 2(W-1)/W of it per rank); a single process has no collective and sends nothing",
+    "            (int8: the codes and scales one rank hands to its all-to-all, as many as its all-gather returns)",
 )
 """The two traffic figures in words, for every place that shows them (``fedrun info``, the README)."""
 NO_COLLECTIVE = "no collective (1 process)"
@@ -80,20 +81,30 @@ def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int) -> tup
 
 
 def collective_bytes_per_round(
-    plan: RoundPlan, named_sizes: Mapping[str, int | Sequence[int]], exchange_dtype: str, dtype_bytes: int = 4
+    plan: RoundPlan,
+    named_sizes: Mapping[str, int | Sequence[int]],
+    exchange_dtype: str,
+    dtype_bytes: int = 4,
+    world_size: int = 2,
 ) -> int:
-    """Bytes one rank's all-reduce carries in this round: every shared parameter plus one weight slot
-    per shared group, at 2 bytes for bf16 else ``dtype_bytes``. ``named_sizes``: group -> its number of
-    parameters, or the list of its tensors' sizes. (Under bf16 the first sync without a reference goes in
-    fp32, see ``fedrun.exchange.Exchange``.) A ring all-reduce then sends about 2 (W-1)/W times this per rank."""
+    """Bytes one rank's collective carries in this round: every shared parameter plus one weight slot per
+    shared group, at 2 bytes for bf16 else ``dtype_bytes``; int8: the codes, block scales and slots of
+    ``world_size`` ranks' shards (``fedrun.exchange.quant.Geometry``, padding included). ``named_sizes``:
+    group -> its number of parameters, or the list of its tensors' sizes. (Under bf16 and int8 a first sync
+    without a reference goes in fp32, see ``fedrun.exchange.Exchange``.) A ring all-reduce then sends about
+    2 (W-1)/W times this per rank, and so do int8's all-to-all and all-gather together."""
     shared = plan.shared_groups()
     if not shared:
         return 0
-    numel = len(shared)
+    numel = 0
     for g in shared:
         n = named_sizes[g]
         numel += int(n) if isinstance(n, int) else sum(int(x) for x in n)
-    return numel * (2 if exchange_dtype == "bf16" else dtype_bytes)
+    if exchange_dtype == "int8":
+        from fedrun.exchange.quant import wire_bytes  # torch: only when int8 is asked about
+
+        return wire_bytes(numel, len(shared), world_size)
+    return (numel + len(shared)) * (2 if exchange_dtype == "bf16" else dtype_bytes)
 
 
 class CommLog:

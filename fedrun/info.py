@@ -38,7 +38,9 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
         else:
             comm[m] = paper_total(m, sizes, num_clients, rounds, seed)
         plan = plan_round(m, 1, num_clients, seed)
-        bytes_per_round[m] = {dt: collective_bytes_per_round(plan, named_sizes, dt) for dt in EXCHANGE_DTYPES}
+        bytes_per_round[m] = {
+            dt: collective_bytes_per_round(plan, named_sizes, dt, world_size=num_clients) for dt in EXCHANGE_DTYPES
+        }
     return {
         "model": {"arch": cfg.model.arch, "dataset": cfg.data.dataset},
         "params": {"total": sum(sizes.values()), **sizes},
@@ -50,7 +52,8 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
             "comm": "N: parameters over all rounds, the paper's count (star topology, round 1's download "
             "of the whole model included); usplit: [min, max] over role draws",
             "bytes_per_round_per_rank": "bytes one rank hands to its all-reduce in one round, by exchange "
-            "dtype (0 on the wire with a single process: no collective)",
+            "dtype (int8: to its all-to-all, one rank per client; 0 on the wire with a single process: no "
+            "collective)",
         },
     }
 
@@ -70,7 +73,8 @@ def format_info(d: dict) -> str:
     lines += [
         f"communication of K={K} clients over R={R} rounds, two figures that are not comparable:",
         *(f"  {line}" for line in TRAFFIC_TERMS),
-        f"  {'method':<8} {'N over the run':<28} {'of full':<16} {'all-reduce per round and rank':<32} of full",
+        f"  {'method':<8} {'N over the run':<28} {'of full':<16} all-reduce per round and rank, of full fp32",
+        f"  {'':<8} {'':<28} {'':<16} " + "".join(f"{dt:<20}" for dt in EXCHANGE_DTYPES).rstrip(),
     ]
     full = d["comm"]["full"]
     full_bytes = d["bytes_per_round_per_rank"]["full"]["fp32"]
@@ -78,11 +82,12 @@ def format_info(d: dict) -> str:
         v = d["comm"][m]
         lo, hi = v if isinstance(v, list) else (v, v)  # usplit: the range over role draws
         b = d["bytes_per_round_per_rank"][m]
-        per_dtype = ", ".join(f"{b[dt] / 2**20:,.2f} MiB {dt}" for dt in EXCHANGE_DTYPES)
+        per_dtype = "".join(
+            f"{f'{b[dt] / 2**20:,.2f} MiB {100 * b[dt] / full_bytes:5.1f} %':<20}" for dt in EXCHANGE_DTYPES
+        )
         lines.append(
             f"  {m:<8} {_span(lo, hi, ',.2f', 1e-6) + ' x 10^6':<28} "
-            f"{_span(lo, hi, '.1f', 100 / full) + ' %':<16} {per_dtype:<32} "
-            f"{100 * b['fp32'] / full_bytes:.1f} %"
+            f"{_span(lo, hi, '.1f', 100 / full) + ' %':<16} {per_dtype.rstrip()}"
         )
     return "\n".join(lines)
 

@@ -299,7 +299,7 @@ class Run:
         """
         fed, h = self.cfg.federation, self.hosted
         if self.cfg.optim.ema_decay:
-            h.exchange.sync(
+            h.exchange.sync_once(
                 self.method.final_plan(fed.rounds, fed.clients, fed.seed),
                 {k: c.ema.shadow for k, c in h.clients.items()},
             )

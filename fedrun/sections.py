@@ -21,8 +21,9 @@ TORCHVISION_DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba")
 DATASETS = (*TORCHVISION_DATASETS, "imagefolder")
 PLACEMENTS = ("auto", "device", "host")
 LOSSES = ("huber", "l2")
-EXCHANGE_DTYPES = ("fp32", "bf16")
-"""What the exchange may send: fp32, or bf16 (half the bytes); ``fedrun.exchange`` imports it from here."""
+EXCHANGE_DTYPES = ("fp32", "bf16", "int8")
+"""What the exchange may send: fp32, bf16 (half the bytes) or int8 blocks with error feedback (about a quarter);
+``fedrun.exchange`` imports it from here."""
 AMP_DTYPES = ("auto", "fp32", "bf16")
 WEIGHTINGS = ("auto", "size", "uniform")
 """FedAvg's client weights: by data size, uniform, or auto (uniform with DP, else size)."""
@@ -154,7 +155,7 @@ class FederationConfig:
     usplit_train: str = "all"
     """USplit: train 'all' parameters (the paper's code) or only the 'assigned' part."""
     exchange_dtype: str = "fp32"
-    """Dtype of what is exchanged: fp32, or bf16 (half the bytes)."""
+    """Dtype of what is exchanged: fp32, bf16 (half the bytes) or int8 (a quarter, with error feedback)."""
     seed: int = 2023
     """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
     weighting: str = "auto"
@@ -228,6 +229,14 @@ class FederationConfig:
                 "federation.dp_epsilon_budget",
                 self.dp_epsilon_budget,
                 "a privacy budget needs DP on: set federation.dp_clip",
+            )
+        if self.dp:
+            check(
+                self.exchange_dtype != "int8",
+                "federation.exchange_dtype",
+                self.exchange_dtype,
+                "DP (federation.dp_clip) clips and noises fp32 or bf16 changes; int8 with DP is not supported: "
+                "allowed with it: fp32, bf16",
             )
         if self.secagg_range is not None:
             check(self.secagg_range > 0, "federation.secagg_range", self.secagg_range, "allowed: > 0 or none")

@@ -82,6 +82,8 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
         )
         for k in hosted
     }
+    # int8: the rank's error feedback is saved and resumed with its lowest hosted client (one file per rank).
+    clients[hosted[0]].feedback = exchange.feedback
     return Hosted(
         model=model,
         diffusion=diffusion,

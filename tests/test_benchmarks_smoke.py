@@ -55,13 +55,17 @@ def test_bench_step(tmp_path):
 @pytest.mark.multiproc
 def test_bench_sync(tmp_path):
     doc = run_bench("bench_sync", tmp_path)
-    assert set(doc["ratios"]) == {f"{m}/{d}" for m in ("full", "usplit", "ulatdec", "udec") for d in ("fp32", "bf16")}
+    dtypes = ("fp32", "bf16", "int8")
+    assert set(doc["ratios"]) == {f"{m}/{d}" for m in ("full", "usplit", "ulatdec", "udec") for d in dtypes}
     assert doc["config"]["backend"] == "gloo" and doc["config"]["world_size"] == 2
     for r in doc["results"]:
-        assert r["bytes"] == r["flat_bytes"] > 0
+        if r["exchange_dtype"] == "int8":  # against one fp32 all-reduce of the same parameters: ~4x its bytes
+            assert 0.25 < r["bytes"] / r["flat_bytes"] < 0.26
+        else:
+            assert r["bytes"] == r["flat_bytes"] > 0
         assert min(r["in_place_median_s"], r["packed_median_s"], r["flat_median_s"], r["local_median_s"]) > 0
         assert r["packed_collectives"] >= 1
-    assert len(doc["targets"]) == 8
+    assert len(doc["targets"]) == 8  # fp32 and bf16 per method; int8 is reported without a target
 
 
 @pytest.mark.multiproc
@@ -70,6 +74,8 @@ def test_bench_bytes(tmp_path):
     ratios = doc["ratios"]
     assert ratios["paper-unet/full/fp32"] == 1.0
     assert ratios["paper-unet/full/bf16"] == pytest.approx(0.5, rel=1e-6)
+    assert 0.25 < ratios["paper-unet/full/int8"] < 0.26  # 260 bytes per 256 values
+    assert ratios["paper-unet/udec/int8"] <= 0.065  # issue 14's goal
     assert ratios["paper-unet/udec/fp32"] < ratios["paper-unet/ulatdec/fp32"] < 1.0
     # The real syncs handed exactly the computed bytes to the collective.
     assert all(r["match"] for r in doc["results"])

@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -19,6 +20,9 @@ def test_info_json_matches_the_papers_counts(capsys):
     # one flat fp32 buffer: the shared parameters plus one denominator slot per shared group
     assert d["bytes_per_round_per_rank"]["udec"]["fp32"] == 4 * (U + 1)
     assert d["bytes_per_round_per_rank"]["full"]["bf16"] * 2 == d["bytes_per_round_per_rank"]["full"]["fp32"]
+    # int8: 256 codes + one fp32 scale per block, each of the 5 ranks' shards padded to whole blocks, 4-byte slots
+    shard_blocks = math.ceil(math.ceil(U / 256) / K)
+    assert d["bytes_per_round_per_rank"]["udec"]["int8"] == K * (4 + 260 * shard_blocks)
 
 
 def test_info_text_and_bad_value():
@@ -43,7 +47,9 @@ def test_info_names_each_traffic_figure(capsys):
     assert all(line in out for line in TRAFFIC_TERMS)
     assert "N over the run" in out and "all-reduce per round and rank" in out
     udec = next(line for line in out.splitlines() if line.strip().startswith("udec"))
-    assert udec.split()[1:5] == ["118.84", "x", "10^6", "26.4"] and udec.rstrip().endswith("23.9 %")
+    # then per exchange dtype its bytes and their share of FULL fp32's: fp32, bf16, int8
+    assert udec.split()[1:5] == ["118.84", "x", "10^6", "26.4"]
+    assert udec.split()[6:] == ["2.73", "MiB", "23.9", "%", "1.37", "MiB", "12.0", "%", "0.69", "MiB", "6.1", "%"]
     assert "% of full" not in out  # the old, unnamed ratio
     assert main(["info", "--preset", "paper-fmnist", "--json"]) == 0
     units = json.loads(capsys.readouterr().out)["units"]

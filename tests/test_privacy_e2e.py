@@ -99,6 +99,8 @@ def test_secure_aggregation_run_equals_the_plain_run(repo_root, fmnist_root, tmp
     [
         (["federation.dp_clip=1", "federation.weighting=size"], ["federation.weighting='size'", "uniform"]),
         (["federation.secure_aggregation=true", "federation.exchange_dtype=bf16"], ["exchange_dtype='bf16'", "fp32"]),
+        (["federation.secure_aggregation=true", "federation.exchange_dtype=int8"], ["exchange_dtype='int8'", "fp32"]),
+        (["federation.dp_clip=1", "federation.exchange_dtype=int8"], ["exchange_dtype='int8'", "fp32, bf16"]),
         (["federation.dp_clip=1", "optim.ema_decay=0.9"], ["optim.ema_decay=0.9", "accountant"]),
         (["federation.dp_epsilon_budget=3"], ["federation.dp_epsilon_budget=3", "dp_clip"]),
         (["federation.dp_clip=1", "federation.dp_epsilon_budget=0.01"], ["one round already spends epsilon"]),

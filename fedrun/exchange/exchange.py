@@ -5,6 +5,7 @@ One sync is four stages, each a module of its own:
     1. who takes part   ``weights``    p_k,g = w_k / sum_{j in C_g} w_j, and this rank's weight slots
     2. client update    ``update``     buffer = sum_{k hosted} p_k,g u_k,  u_k = theta_k or theta_k - ref
     3. transport        ``transport``  the wire (``layout``: buffer or its bf16 twin) summed over the ranks
+                        (int8: ``int8``, quantised blocks by all-to-all + all-gather, with error feedback)
     4. server update    ``server``     theta_new = average (or ref + average change), into every client
 
 There is no server: the weights are normalised before the collective, so the all-reduced sum IS the
@@ -20,7 +21,7 @@ The training loop never calls ``torch.distributed``: this package does.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,12 +31,13 @@ from torch import Tensor, nn
 
 from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
+from fedrun.exchange.int8 import Int8Feedback, Int8Transport
 from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
 from fedrun.exchange.private import Privacy
 from fedrun.exchange.reference import GroupReference, Reference
 from fedrun.exchange.server import FedAvg, write_back
 from fedrun.exchange.transport import Transport, wait_all
-from fedrun.exchange.update import Update, choose_update, slot_tolerance
+from fedrun.exchange.update import CHANGE_DTYPES, QuantisedChanges, Update, choose_update, slot_tolerance
 from fedrun.exchange.weights import RankShare, WeightSumError, check_weight_sums, data_shares, rank_share
 from fedrun.methods import GROUPS, RoundPlan
 
@@ -51,11 +53,12 @@ class SyncStats:
     """What one ``Exchange.sync`` did on this rank."""
 
     bytes: int
-    """Bytes handed to the collective (numel * element_size of the all-reduced buffer); 0 without one."""
+    """Bytes handed to the collective (numel * element_size of the all-reduced buffer; int8: the codes,
+    scales and slots handed to the all-to-all, ``fedrun.exchange.quant.Geometry.wire_bytes``); 0 without one."""
     seconds: float
     """Wall time of the whole sync (update, all-reduce, server update; the updates overlap the wire)."""
     collectives: int
-    """Number of collectives issued: one per bucket, 0 for a single process or nothing shared."""
+    """Number of collectives issued: one per bucket (int8: 2), 0 for a single process or nothing shared."""
     groups: tuple[str, ...] = ()
     """The groups averaged."""
 
@@ -67,7 +70,7 @@ class Exchange:
         named_groups: group -> parameter names (e.g. ``unet.groups.parameter_groups(model)``).
         client_sizes: |D_k| for every client k of the federation (not only the hosted ones).
         group: the process group; None = the default group if one is initialised, else single process.
-        exchange_dtype: ``"fp32"``, or ``"bf16"`` to halve the bytes on the wire.
+        exchange_dtype: ``"fp32"``, ``"bf16"`` to halve the bytes on the wire, or ``"int8"`` (about a quarter).
         bucket_bytes: bytes on the wire per collective: the shared parameters are cut into buckets of about
             this size at parameter boundaries (the weight slots end the last bucket); None = one bucket.
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
@@ -83,6 +86,9 @@ class Exchange:
     given to ``set_reference``), the wire carries the weighted changes theta_k - ref in bf16 and the new value
     is ref + average change (``fedrun.exchange.update``); a sync without one exchanges values in fp32 and
     makes them the reference. The weight slots travel in bf16 too and are checked to 1e-2 there.
+
+    int8: the same changes, in fp32 on the rank, then quantised per block of 256 with error feedback and
+    reduced by all-to-all + all-gather (``fedrun.exchange.int8``; its state is ``feedback``). Not bucketed.
     """
 
     def __init__(
@@ -117,8 +123,11 @@ class Exchange:
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
         self.transport = Transport(group)
         self.server = FedAvg()
+        self.feedback = Int8Feedback() if exchange_dtype == "int8" else None
+        """int8: this rank's error feedback (checkpointed with its lowest hosted client)."""
+        self._int8: Int8Transport | None = None
         self.reference = Reference(self.named_groups)
-        """bf16 and privacy: the last averaged value of every shared parameter, identical on every rank."""
+        """bf16, int8 and privacy: the last averaged value of every shared parameter, identical on every rank."""
         self.privacy = privacy
         """DP clipping and noise, secure aggregation (``fedrun.exchange.private``): changes against the reference."""
         self.adopted: Adopted | None = None
@@ -131,15 +140,15 @@ class Exchange:
 
     @property
     def _sends_changes(self) -> bool:
-        """Whether syncs send changes against a reference: bf16 (once it exists), and always with privacy."""
-        return self.exchange_dtype == "bf16" or self.privacy is not None
+        """Whether syncs send changes against a reference: bf16 and int8 (once it exists), always with privacy."""
+        return self.exchange_dtype in CHANGE_DTYPES or self.privacy is not None
 
     @property
     def world_size(self) -> int:
         return self.transport.world_size
 
     def set_reference(self, params: Mapping[str, Tensor]) -> None:
-        """bf16 or privacy: values every client holds now, identical on every rank (e.g. the broadcast initial
+        """bf16, int8 or privacy: values every client holds now, identical on every rank (e.g. the broadcast initial
         model), so that even the first sync exchanges changes (privacy needs them). Call it on every rank alike."""
         if self._sends_changes:
             self.reference.set(params)
@@ -198,9 +207,12 @@ class Exchange:
         alone = self.world_size == 1
         if alone:  # the local slots are the sums: check them before anything is written
             check_weight_sums(plan.round, share.groups, share.slots, tol, written=False)
-        handles = self.transport.send(layout.buckets, partial(self._fill, layout, update, share, sources, refs))
+        fill = partial(self._fill, layout, update, share, sources, refs)
+        quantised = isinstance(update, QuantisedChanges)
+        handles = [] if quantised else self.transport.send(layout.buckets, fill)
         written = layout.aliased
         try:
+            int8_bytes = self._int8_reduce(layout, fill, hosted) if quantised else 0
             wait_all(handles)
             if not alone:
                 check_weight_sums(plan.round, share.groups, update.decode_slots(layout.wire_slots), tol, written)
@@ -217,14 +229,34 @@ class Exchange:
             raise
         if layout.buffer.is_cuda:
             torch.cuda.synchronize(layout.buffer.device)
-        nbytes = 0 if alone else layout.wire.numel() * layout.wire.element_size()
-        return SyncStats(nbytes, time.perf_counter() - start, len(handles), share.groups)
+        nbytes = int8_bytes if quantised or alone else layout.wire.numel() * layout.wire.element_size()
+        collectives = 0 if alone else 2 if quantised else len(handles)
+        return SyncStats(nbytes, time.perf_counter() - start, collectives, share.groups)
+
+    def sync_once(self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]]) -> SyncStats:
+        """A one-off sync outside the rounds (the EMA copies at the end of a run): ``sync``, except that an
+        int8 exchange sends it as fp32 values and leaves its reference and error feedback as they are
+        (they belong to the rounds' parameters, not to these tensors)."""
+        if self.exchange_dtype != "int8":
+            return self.sync(plan, client_params)
+        self.exchange_dtype = "fp32"
+        try:
+            return self.sync(plan, client_params)
+        finally:
+            self.exchange_dtype = "int8"
 
     # -- stages, per sync ---------------------------------------------------------------------------------
+    def _int8_reduce(self, layout: Layout, fill: Callable[[Bucket], None], hosted: list[int]) -> int:
+        """int8: fill the layout and reduce it (``Int8Transport.reduce``); the bytes per rank."""
+        if self._int8 is None:
+            assert self.feedback is not None
+            self._int8 = Int8Transport(self.transport.group, self.world_size, self.feedback)
+        return self._int8.reduce(layout, fill, hosted)
+
     def _references(
         self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device
     ) -> list[GroupReference] | None:
-        """bf16 or privacy: every shared group's reference, laid out like its run; None unless all exist."""
+        """bf16, int8 or privacy: every shared group's reference, laid out like its run; None unless all exist."""
         if not self._sends_changes:
             return None
         pos, refs = 0, []
@@ -262,7 +294,7 @@ class Exchange:
         device: torch.device,
     ) -> None:
         """Stage 4, after the check: every part's new value (the bf16 reference updated) into every client."""
-        if refs is None and self.exchange_dtype == "bf16":  # values exchanged: they become the references
+        if refs is None and self.exchange_dtype in CHANGE_DTYPES:  # values exchanged: they become the references
             refs = [
                 self.reference.create(g, layout.group_signature(i), layout.buffer.dtype, device)
                 for i, g in enumerate(layout.groups)

@@ -1,7 +1,7 @@
 """Stage 2, each client's update: what a contributor puts on the wire, already weighted by its p_k,g.
 
-    values:   u_k = theta_k          (fp32 exchange; and bf16 exchange while there is no reference)
-    changes:  u_k = theta_k - ref    (bf16 exchange once every shared group has a reference)
+    values:   u_k = theta_k          (fp32 exchange; and bf16/int8 exchange while there is no reference)
+    changes:  u_k = theta_k - ref    (bf16/int8 exchange once every shared group has a reference)
 
 ``Update.accumulate`` writes sum_{k hosted} p_k,g u_k into a part of the layout's buffer, in the buffer's
 dtype, and rounds it once into the wire: summed over the ranks that is the average update
@@ -91,14 +91,24 @@ class Update:
         return wire_slots.tolist()
 
 
+class QuantisedChanges(Update):
+    """int8 changes: the buffer gets sum_k p_k (theta_k - ref) in its dtype (``accumulate``) and the int8
+    sync (``fedrun.exchange.int8``) quantises that; no wire twin (``wire_dtype`` None)."""
+
+
 VALUES = Update(changes=False, wire_dtype=None)
 BF16_CHANGES = Update(changes=True, wire_dtype=torch.bfloat16)
+INT8_CHANGES = QuantisedChanges(changes=True, wire_dtype=None)
+CHANGE_DTYPES = ("bf16", "int8")
+"""The exchange dtypes that send changes against a reference (once there is one)."""
 
 
 def choose_update(exchange_dtype: str, has_reference: bool) -> Update:
-    """bf16 exchange sends changes once every shared group has a reference; everything else values, in
-    the buffer's dtype (so the first bf16 sync, without a reference, is exact)."""
-    return BF16_CHANGES if exchange_dtype == "bf16" and has_reference else VALUES
+    """bf16 and int8 exchange send changes once every shared group has a reference; everything else values,
+    in the buffer's dtype (so a first sync without a reference is exact)."""
+    if not has_reference or exchange_dtype not in CHANGE_DTYPES:
+        return VALUES
+    return INT8_CHANGES if exchange_dtype == "int8" else BF16_CHANGES
 
 
 def slot_tolerance(wire_dtype: torch.dtype) -> float:
