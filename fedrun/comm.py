@@ -145,11 +145,19 @@ class CommLog:
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(
-        self, round: int, *, paper_params: int, bytes_moved: int, sync_seconds: float = 0.0, collective: bool = True
+        self,
+        round: int,
+        *,
+        paper_params: int,
+        bytes_moved: int,
+        sync_seconds: float = 0.0,
+        collective: bool = True,
+        sampled: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         """Record one round; returns the row (also written to the file where there is one). ``collective``
         False: a single process, whose ``bytes`` 0 mean 'no collective', not 'free': the row says
-        ``"collective": false``."""
+        ``"collective": false``. ``sampled``: the clients the round drew (``RoundPlan.sampled``), recorded as
+        ``"sampled": [...]``; None (every client took part) adds nothing."""
         self.paper_params_cum += int(paper_params)
         self.bytes_cum += int(bytes_moved)
         row = {
@@ -161,6 +169,7 @@ class CommLog:
             "sync_seconds": float(sync_seconds),
             # Only where there was none (older files and multi-rank rows lack it: read it as true).
             **({} if collective else {"collective": False}),
+            **({} if sampled is None else {"sampled": [int(k) for k in sampled]}),
         }
         self.rows.append(row)
         if self.path is not None:

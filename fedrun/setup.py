@@ -20,6 +20,7 @@ from fedrun.client import ClientState, LocalTrainer, StepConfig, choose_placemen
 from fedrun.config import ConfigError, RunConfig
 from fedrun.data import ClientData, load_client_data
 from fedrun.exchange import Exchange
+from fedrun.exchange.server import make_server
 from fedrun.methods import Method
 from fedrun.output import Sink
 from unet import EMA, GaussianDiffusion, group_sizes, parameter_groups
@@ -55,7 +56,10 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     hosted = dist.hosted_clients(ctx.rank, ctx.world_size, fed.clients)
     data, sizes = _load_data(cfg, hosted)
     model, diffusion, groups = _initial_model(cfg, method, ctx.device)
-    exchange = Exchange(groups, sizes, exchange_dtype=fed.exchange_dtype)
+    server = make_server(
+        fed.server_optimizer, groups, fed.effective_server_lr, fed.server_momentum, fed.server_betas, fed.server_eps
+    )
+    exchange = Exchange(groups, sizes, exchange_dtype=fed.exchange_dtype, server=server)
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.

@@ -32,7 +32,7 @@ from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
 from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
 from fedrun.exchange.reference import GroupReference, Reference
-from fedrun.exchange.server import FedAvg, write_back
+from fedrun.exchange.server import FedAvg, ServerOptimizer, write_back
 from fedrun.exchange.transport import Transport, wait_all
 from fedrun.exchange.update import Update, choose_update, slot_tolerance
 from fedrun.exchange.weights import RankShare, WeightSumError, check_weight_sums, data_shares, rank_share
@@ -57,6 +57,8 @@ class SyncStats:
     """Number of collectives issued: one per bucket, 0 for a single process or nothing shared."""
     groups: tuple[str, ...] = ()
     """The groups averaged."""
+    pseudo_grad_norm: float | None = None
+    """With a server optimiser: ||ref - average|| over the shared groups, the step's pseudo-gradient."""
 
 
 class Exchange:
@@ -70,6 +72,7 @@ class Exchange:
         bucket_bytes: bytes on the wire per collective: the shared parameters are cut into buckets of about
             this size at parameter boundaries (the weight slots end the last bucket); None = one bucket.
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
+        server: the server update (``fedrun.exchange.server.make_server``); None = plain FedAvg.
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -80,6 +83,9 @@ class Exchange:
     given to ``set_reference``), the wire carries the weighted changes theta_k - ref in bf16 and the new value
     is ref + average change (``fedrun.exchange.update``); a sync without one exchanges values in fp32 and
     makes them the reference. The weight slots travel in bf16 too and are checked to 1e-2 there.
+
+    A server optimiser steps the reference along ref - average: it keeps the reference in fp32 too, and
+    needs one from the start (``set_reference`` with the values every client starts from).
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class Exchange:
         group: dist.ProcessGroup | None = None,
         exchange_dtype: str = "fp32",
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+        server: FedAvg | None = None,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -112,9 +119,11 @@ class Exchange:
         self.exchange_dtype = exchange_dtype
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
         self.transport = Transport(group)
-        self.server = FedAvg()
+        self.server = server if server is not None else FedAvg()
+        self.optimizer = self.server if isinstance(self.server, ServerOptimizer) else None
+        """The server optimiser, None for plain FedAvg."""
         self.reference = Reference(self.named_groups)
-        """bf16: the last averaged value of every shared parameter, identical on every rank."""
+        """bf16 or a server optimiser: the last shared value of every shared parameter, identical on every rank."""
         self.adopted: Adopted | None = None
         """After ``adopt``: the flat tensor the module's parameters live in."""
         self.packed_layout: Layout | None = None
@@ -128,9 +137,10 @@ class Exchange:
         return self.transport.world_size
 
     def set_reference(self, params: Mapping[str, Tensor]) -> None:
-        """bf16 only: values every client holds now, identical on every rank (e.g. the broadcast initial
-        model), so that even the first sync exchanges changes in bf16. Call it on every rank alike."""
-        if self.exchange_dtype == "bf16":
+        """bf16 or a server optimiser: values every client holds now, identical on every rank (e.g. the
+        broadcast initial model), so that even the first sync exchanges changes in bf16 and the server
+        optimiser has its first step's ref. Call it on every rank alike."""
+        if self.exchange_dtype == "bf16" or self.optimizer is not None:
             self.reference.set(params)
 
     def reset_reference(self) -> None:
@@ -152,12 +162,17 @@ class Exchange:
         return True
 
     @torch.no_grad()
-    def sync(self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]]) -> SyncStats:
+    def sync(
+        self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]], fedavg: bool = False
+    ) -> SyncStats:
         """Average this round's shared groups and write them, in place, into every hosted client.
 
         ``client_params`` maps each client hosted by this rank to its live parameters by name. Every rank
         must call ``sync`` with the same plan. Every hosted client receives every shared group (under
-        USplit every group is shared, so every client gets the whole model); local groups are not touched.
+        USplit every group is shared, so every client gets the whole model); local groups are not touched,
+        and neither are clients the plan did not sample, except that they too receive the shared groups.
+        ``fedavg``: the plain average whatever the server optimiser, its state and fp32 reference untouched
+        (the final average of the EMA copies, which are no server model).
         """
         start = time.perf_counter()
         share = rank_share(plan, self.shares, client_params)
@@ -171,7 +186,10 @@ class Exchange:
         device = (first or list(client_params[hosted[0]].values()))[0].device
         run = self._adopted_run(share.groups, first, len(hosted))
         sig = self._signature(share.groups, first, run)
-        refs = self._references(share.groups, sig, accumulation_dtype(first), device)
+        server = self.server if not fedavg else FedAvg()
+        refs = self._references(share.groups, sig, accumulation_dtype(first), device, server)
+        if refs is None and server is self.optimizer:
+            raise ValueError(f"{server.name}: no reference to step from; call set_reference on every rank first")
         update = choose_update(self.exchange_dtype, refs is not None)
         layout = self._layout(share.groups, first, sig, update, device, run)
         # Every hosted client receives every shared group: check them all before the first collective.
@@ -187,7 +205,7 @@ class Exchange:
             if not alone:
                 check_weight_sums(plan.round, share.groups, layout.wire_slots.tolist(), tol, written)
             written = True
-            self._receive(layout, update, refs, [sources[k] for k in hosted], device)
+            self._receive(layout, update, refs, [sources[k] for k in hosted], device, server)
         except BaseException as e:
             if written:  # references may be half updated: the next sync exchanges values again
                 self.reset_reference()
@@ -200,14 +218,16 @@ class Exchange:
         if layout.buffer.is_cuda:
             torch.cuda.synchronize(layout.buffer.device)
         nbytes = 0 if alone else layout.wire.numel() * layout.wire.element_size()
-        return SyncStats(nbytes, time.perf_counter() - start, len(handles), share.groups)
+        norm = server.pseudo_grad_norm() if isinstance(server, ServerOptimizer) else None
+        return SyncStats(nbytes, time.perf_counter() - start, len(handles), share.groups, norm)
 
     # -- stages, per sync ---------------------------------------------------------------------------------
     def _references(
-        self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device
+        self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device, server: FedAvg
     ) -> list[GroupReference] | None:
-        """bf16: every shared group's reference, laid out like its run; None unless all of them exist."""
-        if self.exchange_dtype != "bf16":
+        """bf16 or a server optimiser: every shared group's reference, laid out like its run; None unless
+        all of them exist."""
+        if self.exchange_dtype != "bf16" and server is not self.optimizer:
             return None
         pos, refs = 0, []
         for g in groups:
@@ -242,19 +262,22 @@ class Exchange:
         refs: list[GroupReference] | None,
         clients: list[list[Tensor]],
         device: torch.device,
+        server: FedAvg,
     ) -> None:
-        """Stage 4, after the check: every part's new value (the bf16 reference updated) into every client."""
+        """Stage 4, after the check: every part's new value (the reference updated) into every client."""
         if refs is None and self.exchange_dtype == "bf16":  # values exchanged: they become the references
             refs = [
                 self.reference.create(g, layout.group_signature(i), layout.buffer.dtype, device)
                 for i, g in enumerate(layout.groups)
             ]
+        sigs = [layout.group_signature(i) for i in range(len(layout.groups))]
+        server.begin(layout.groups, sigs, layout.buffer.dtype, device)
         for bucket in layout.buckets:
             for part in bucket.parts:
                 update.decode(part)
                 ref = refs[part.group] if refs is not None else None
                 ref_seg = None if ref is None else ref.flat[part.glo : part.glo + part.hi - part.lo]
-                new = self.server.step(part.seg, ref_seg, update.changes)
+                new = server.step(part.seg, ref_seg, update.changes, part)
                 views = part.views if new is part.seg else ref.views[part.gfirst : part.gfirst + part.stop - part.first]
                 write_back(part, new, views, clients, layout.aliased)
 
