@@ -263,14 +263,15 @@ class Run:
         """The evaluation hook: ``models/global[_ema].pt``, or ``models/client{k}[_ema].pt`` (personalised).
 
         Each client's EMA follows its own local steps and is never exchanged during training. Here the EMA
-        copies are averaged once with ``Method.final_plan`` (a global model: every group over every client;
-        personalised: the shared groups), so the saved EMA model has the structure of the raw one.
+        copies are averaged once (plain FedAvg) with ``Method.final_plan`` (a global model: every group over
+        every client; personalised: the shared groups), so the saved EMA model has the structure of the raw one.
         """
         fed, h = self.cfg.federation, self.hosted
         if self.cfg.optim.ema_decay:
             h.exchange.sync(
                 self.method.final_plan(fed.rounds, fed.clients, fed.seed),
                 {k: c.ema.shadow for k, c in h.clients.items()},
+                fedavg=True,  # EMA copies are no server model: their plain average, whatever the server optimiser
             )
         # After a full-model sync every client holds the global model: rank 0 writes its first one.
         owners = list(h.clients.values()) if self.method.personalised else [h.first] if self.ctx.is_main else []

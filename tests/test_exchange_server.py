@@ -126,6 +126,24 @@ def test_server_optimizer_needs_a_reference_and_acts_on_shared_groups_only():
     assert torch.equal(clients[1]["e.w"], before[1]["e.w"])  # UDec's encoder stays local
 
 
+def test_a_plain_sync_leaves_the_server_alone():
+    """``sync(fedavg=True)`` (the final average of the EMA copies): the average, no step, no state touched."""
+    start = rand_params(0)
+    ex = Exchange(GROUPS, SIZES, server=make_server("fedavgm", GROUPS, 1.0))
+    ex.set_reference(start)
+    ex.sync(plan_round("full", 1, 2, 0), {0: rand_params(1), 1: rand_params(2)})
+    before = ex.optimizer.state_dict()
+    ref = {n: t.clone() for n, t in ex.reference.items()}
+    emas = {0: rand_params(3), 1: rand_params(4)}
+    expect = exchange_average(emas[0], emas[1])
+    assert ex.sync(plan_round("full", 2, 2, 0), emas, fedavg=True).pseudo_grad_norm is None
+    assert all(torch.equal(emas[k][n], expect[n]) for k in emas for n in SHAPES)
+    after = ex.optimizer.state_dict()
+    assert after["steps"] == before["steps"] == {E: 1, M: 1, U: 1}
+    assert all(torch.equal(after["state"]["momentum"][n], before["state"]["momentum"][n]) for n in SHAPES)
+    assert all(torch.equal(ex.reference[n], ref[n]) for n in SHAPES)
+
+
 def test_server_state_resumes_bit_identically():
     news, _, _ = two_rounds("fedadam", 0.01)
     start = rand_params(0)
