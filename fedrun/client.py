@@ -101,6 +101,7 @@ class StepConfig:
     amp_dtype: torch.dtype | None  # None = fp32
     seed: int
     compile: bool = False
+    prox_mu: float = 0.0  # FedProx: > 0 adds (mu/2) ||theta - theta_shared||^2 over the anchored parameters
 
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device) -> StepConfig:
@@ -114,6 +115,7 @@ class StepConfig:
             amp_dtype=amp_dtype(opt.amp, device),
             seed=fed.seed,
             compile=opt.compile,
+            prox_mu=opt.prox_mu,
         )
 
 
@@ -214,8 +216,11 @@ class LocalTrainer:
         return x.float().div_(127.5).sub_(1.0).contiguous(memory_format=torch.channels_last)
 
     # -- one round ------------------------------------------------------------------------------
-    def train_round(self, client: ClientState, rnd: int, trainable: set[str] | None = None) -> RoundResult:
-        """Train `client` for one round. `trainable`: parameter names to optimise (None = all)."""
+    def train_round(
+        self, client: ClientState, rnd: int, trainable: set[str] | None = None, anchored: set[str] | None = None
+    ) -> RoundResult:
+        """Train `client` for one round. `trainable`: parameter names to optimise (None = all). `anchored`: with
+        ``prox_mu`` > 0, the (shared) parameters FedProx holds near their values at the start of the round."""
         self.load(client)
         model = self.model
         model.train()
@@ -223,6 +228,8 @@ class LocalTrainer:
         for n, p in self._param.items():
             p.requires_grad_(trainable is None or n in trainable)
         params = [self._param[n] for n in names]
+        prox = [self._param[n] for n in names if anchored is not None and n in anchored] if self.cfg.prox_mu else []
+        anchors = [p.detach().clone() for p in prox]  # theta_shared: what the client received
         opt = torch.optim.Adam(params, lr=self.cfg.lr, **_fused_kwargs(self.device))
         if self.cfg.keep_opt_state and client.opt_state:
             _load_opt_state(opt, {n: self._param[n] for n in names}, client.opt_state)
@@ -246,6 +253,8 @@ class LocalTrainer:
                 loss = self.diffusion.training_loss(self.step_model, x0, generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if prox:
+                add_proximal_grad(prox, anchors, self.cfg.prox_mu)
             opt.step()
             if client.ema is not None:
                 client.ema.update(model)
@@ -258,6 +267,25 @@ class LocalTrainer:
         total = float(loss_sum.item())
         client.last_loss = total / steps
         return RoundResult(loss_sum=total, steps=steps, images=seen)
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's term (Li et al. 2020, eq. 2): (mu/2) sum_i ||theta_i - anchor_i||^2, differentiable."""
+    return mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
+@torch.no_grad()
+def add_proximal_grad(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> None:
+    """p.grad += mu (p - anchor): the gradient of ``proximal_term``, added after the loss's backward instead of
+    the term joining the loss (the same step without a second graph; the logged loss stays the diffusion loss).
+    A parameter without a gradient gets the term's alone."""
+    have = [(p, a) for p, a in zip(params, anchors, strict=True) if p.grad is not None]
+    if have:
+        diff = torch._foreach_sub([p for p, _ in have], [a for _, a in have])
+        torch._foreach_add_([p.grad for p, _ in have], diff, alpha=mu)
+    for p, a in zip(params, anchors, strict=True):
+        if p.grad is None:
+            p.grad = mu * (p - a)
 
 
 def _fused_kwargs(device: torch.device) -> dict:

@@ -163,11 +163,14 @@ class CommLog:
         bytes_moved: int,
         sync_seconds: float = 0.0,
         collective: bool = True,
+        sampled: Sequence[int] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record one round; returns the row (also written to the file where there is one). ``collective``
         False: a single process, whose ``bytes`` 0 mean 'no collective', not 'free': the row says
-        ``"collective": false``. ``extra``: further fields of the row (DP's epsilon and delta)."""
+        ``"collective": false``. ``sampled``: the clients the round drew (``RoundPlan.sampled``), recorded as
+        ``"sampled": [...]``; None (every client took part) adds nothing. ``extra``: further fields of the row
+        (DP's epsilon and delta)."""
         self.paper_params_cum += int(paper_params)
         self.bytes_cum += int(bytes_moved)
         row = {
@@ -179,6 +182,7 @@ class CommLog:
             "sync_seconds": float(sync_seconds),
             # Only where there was none (older files and multi-rank rows lack it: read it as true).
             **({} if collective else {"collective": False}),
+            **({} if sampled is None else {"sampled": [int(k) for k in sampled]}),
             **(extra or {}),
         }
         self.rows.append(row)

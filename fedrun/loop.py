@@ -32,29 +32,14 @@ from fedrun.build import image_shape
 from fedrun.client import derive_seed, local_steps
 from fedrun.comm import NO_COLLECTIVE, CommLog, paper_round_count, wire_text
 from fedrun.config import RunConfig
-from fedrun.exchange.adopt import Adopted
+from fedrun.finite import DivergedError, check_finite  # noqa: F401 - DivergedError: fedrun.loop's, as before
 from fedrun.hooks import Scorer, ScorerFactory
 from fedrun.methods import GROUPS, RoundPlan, get_method
 from fedrun.output import ConsoleSink, Sink, rank_sink
 from fedrun.privacy.run import RunPrivacy, round_text
-from fedrun.resume import agree_round, claim, gather_ints, resume_counters
+from fedrun.resume import agree_round, claim, gather_ints, load_server_state, resume_counters, server_state
 from fedrun.rundir import RunDir, atomic_save, atomic_write_bytes
 from fedrun.setup import setup_clients
-
-
-class DivergedError(RuntimeError):
-    """Training diverged (a non-finite loss or average); raised on every rank alike, the message is one line."""
-
-
-_FINITE, _PARAMS, _LOSS_INF, _LOSS_NAN = 0, 1, 2, 3  # a client's status after a round, worst last
-
-
-def _params_finite(params: dict[str, torch.Tensor], adopted: Adopted | None, hosted: int) -> bool:
-    """Whether every parameter of a client is finite: one isfinite over the flat tensor a rank's single client
-    lives in (``Exchange.adopt``), else one per tensor, with one host sync either way."""
-    if adopted is not None and hosted == 1:
-        return bool(torch.isfinite(adopted.flat).all())
-    return bool(torch.stack([torch.isfinite(t).all() for t in params.values()]).all())
 
 
 @dataclass(frozen=True)
@@ -137,9 +122,10 @@ class Run:
                 client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
             self.sink.info(f"resuming {self.dir.root} after round {self.start_round} of {fed.rounds}")
         self.last_checkpoint = self.start_round
-        # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
-        # model, or after a resume the checkpointed (already averaged) shared parameters.
+        # bf16 exchange sends changes against the last shared values, and a server optimiser steps from them,
+        # identical on every rank: the initial model, or after a resume the checkpointed shared parameters.
         h.exchange.set_reference(h.first.params)
+        load_server_state(h.exchange, rdir, self.ctx.is_main, h.first.params)  # after the reference it steps from
         self.comm_log = CommLog(
             self.dir.comm_log if self.ctx.is_main else None,
             truncate_after=self.start_round,
@@ -163,21 +149,24 @@ class Run:
         return range(self.start_round + 1, self.cfg.federation.rounds + 1)
 
     def round(self, rnd: int) -> RoundStats:
-        """Train every hosted client, exchange, count and log round ``rnd``."""
+        """Train every hosted client the round samples, exchange (every client receives), count and log round
+        ``rnd``."""
         fed, h = self.cfg.federation, self.hosted
-        plan = self.method.plan(rnd, fed.clients, fed.seed)
+        plan = self.method.plan(rnd, fed.clients, fed.seed, fed.sample_clients)
         t0 = time.perf_counter()
         losses: dict[int, float] = {}
         images = 0
         for k, client in h.clients.items():
-            res = h.trainer.train_round(client, rnd, self._trainable(plan, k))
+            if k not in plan.participants:  # not sampled: it neither trains nor contributes this round
+                continue
+            res = h.trainer.train_round(client, rnd, self._trainable(plan, k), self._anchored(plan))
             losses[k] = res.loss_sum / res.steps
             images += res.images
             self.sink.advance_steps(res.steps)
         compute_s = time.perf_counter() - t0
         sync = h.exchange.sync(plan, {k: c.params for k, c in h.clients.items()})
         sync_s = time.perf_counter() - t0 - compute_s
-        self._check_finite(rnd, losses)
+        check_finite(rnd, fed.clients, h.clients, losses, h.exchange.adopted, self.last_checkpoint)
 
         # One gather per round brings every rank's losses, images and bytes to rank 0.
         per_rank = dist.gather_dict(
@@ -188,7 +177,13 @@ class Run:
         collective = self.ctx.world_size > 1  # one process averages in memory: its 0 bytes mean none, not free
         priv = self.privacy.after_round(rnd, h.exchange.privacy, self.sink, self._warn) if self.privacy else {}
         row = self.comm_log.append(
-            rnd, paper_params=paper, bytes_moved=sync.bytes, sync_seconds=sync_s, collective=collective, extra=priv
+            rnd,
+            paper_params=paper,
+            bytes_moved=sync.bytes,
+            sync_seconds=sync_s,
+            collective=collective,
+            sampled=plan.sampled,
+            extra=priv,
         )
         stats = RoundStats(
             rnd,
@@ -201,6 +196,10 @@ class Run:
         for k, v in sorted(all_losses.items()):
             sink.scalar(f"client/{k}/loss", v, rnd)
         sink.scalar("round/loss", stats.loss, rnd)
+        if plan.sampled is not None:
+            sink.scalar("round/sampled_clients", len(plan.sampled), rnd)
+        if sync.pseudo_grad_norm is not None:  # the same on every rank
+            sink.scalar(f"server/pseudo_grad_norm/{fed.server_optimizer}", sync.pseudo_grad_norm, rnd)
         sink.scalar(f"comm/paper_params_cum/{fed.method}", row["paper_params_cum"], rnd)
         sink.scalar(f"comm/bytes_cum/{fed.method}", row["bytes_cum"], rnd)
         sink.scalar("comm/bytes_all_ranks", sum(b for _, _, b in per_rank), rnd)
@@ -213,37 +212,12 @@ class Run:
         sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s, comm=comm)
         return stats
 
-    def _check_finite(self, rnd: int, losses: dict[int, float]) -> None:
-        """Stop every rank alike (DivergedError) when a client's mean local loss of round ``rnd``, or any of its
-        parameters after the exchange, is not finite: a diverged run must end in an error, never in DONE.
-
-        Once per round, not per step: the mean loss is a sum over the steps (a NaN anywhere stays NaN), and one
-        isfinite over the client's parameters after the exchange catches a non-finite average. One all_gather
-        of a status per client lets every rank raise the same line (no rank waits for the others).
-        """
-        h = self.hosted
-        status = [_FINITE] * self.cfg.federation.clients
-        for k, client in h.clients.items():
-            if not math.isfinite(losses[k]):
-                status[k] = _LOSS_NAN if math.isnan(losses[k]) else _LOSS_INF
-            elif not _params_finite(client.params, h.exchange.adopted, len(h.clients)):
-                status[k] = _PARAMS
-        status = [max(col) for col in zip(*gather_ints(status), strict=True)]
-        if max(status) == _FINITE:
-            return
-        bad_loss = [k for k, s in enumerate(status) if s in (_LOSS_NAN, _LOSS_INF)]
-        if bad_loss:
-            k = bad_loss[0]
-            what = f"client {k}'s mean local loss is {'nan' if status[k] == _LOSS_NAN else 'inf'}"
-        else:
-            what = f"client(s) {[k for k, s in enumerate(status) if s]} hold non-finite parameters after the exchange"
-        kept = (
-            f"keeps its checkpoints up to round {self.last_checkpoint}: lower optim.lr (--lr) and start a new "
-            "run (another --name)"
-            if self.last_checkpoint
-            else "wrote no checkpoint: lower optim.lr (--lr) and start it again (the same --name starts anew)"
-        )
-        raise DivergedError(f"training diverged in round {rnd}: {what}; the run stops without DONE and {kept}")
+    def _anchored(self, plan: RoundPlan) -> set[str] | None:
+        """FedProx (``optim.prox_mu`` > 0): the parameters of the groups the round shares, which the proximal
+        term holds near the values received at the start of the round; None = no term."""
+        if not self.cfg.optim.prox_mu:
+            return None
+        return {n for g in plan.shared_groups() for n in self.hosted.groups[g]}
 
     def _trainable(self, plan: RoundPlan, client: int) -> set[str] | None:
         """Parameter names ``client`` trains this round; None = the whole model."""
@@ -263,6 +237,7 @@ class Run:
                 "config": self.cfg.to_json(),
                 "counters": self.comm_log.counters(),
                 **({"privacy": self.privacy.state_dict()} if self.privacy else {}),
+                **server_state(self.hosted.exchange),
             }
         try:
             ckpt.write_part(rdir, self.ctx.rank, files)
@@ -294,14 +269,14 @@ class Run:
         """The evaluation hook: ``models/global[_ema].pt``, or ``models/client{k}[_ema].pt`` (personalised).
 
         Each client's EMA follows its own local steps and is never exchanged during training. Here the EMA
-        copies are averaged once with ``Method.final_plan`` (a global model: every group over every client;
-        personalised: the shared groups), so the saved EMA model has the structure of the raw one.
+        copies are averaged once (plain FedAvg) with ``Method.final_plan`` (a global model: every group over
+        every client; personalised: the shared groups), so the saved EMA model has the structure of the raw one.
         """
         fed, h = self.cfg.federation, self.hosted
         if self.cfg.optim.ema_decay:
             h.exchange.sync_once(
                 self.method.final_plan(fed.rounds, fed.clients, fed.seed),
-                {k: c.ema.shadow for k, c in h.clients.items()},
+                {k: c.ema.shadow for k, c in h.clients.items()},  # plain FedAvg, whatever the server optimiser
             )
         # After a full-model sync every client holds the global model: rank 0 writes its first one.
         owners = list(h.clients.values()) if self.method.personalised else [h.first] if self.ctx.is_main else []

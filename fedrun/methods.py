@@ -9,7 +9,9 @@ it to know what to train, and ``comm`` reads it to count what the paper's star t
 
 Rounds are numbered from 1, as in the paper. USplit's roles are drawn from
 ``np.random.default_rng([seed, round])``, so every rank derives the same plan from the same (seed, round)
-without any communication.
+without any communication. Client sampling (``federation.sample_clients``) is part of the plan too: the
+clients of a round come from ``sampled_clients(seed, round, K, count)`` (its own stream of the same seeds),
+the method plans among them, and the others contribute nothing that round.
 """
 
 from __future__ import annotations
@@ -22,6 +24,22 @@ import numpy as np
 from unet import GROUPS  # the UNet's parameter groups, in model order (docs/feddiffuse.md, section 1)
 
 USPLIT_TRAIN = ("all", "assigned")
+
+SAMPLING_STREAM = 0x53414D50
+"""Third seed word of the sampling draw: keeps it apart from USplit's roles, drawn from (seed, round) alone."""
+
+
+def sampled_clients(seed: int, round: int, num_clients: int, count: int) -> tuple[int, ...]:
+    """The clients that take part in ``round``, ascending: ``count`` of the ``num_clients`` drawn uniformly
+    without replacement from ``default_rng([seed, round, SAMPLING_STREAM])``; every client when ``count`` is 0
+    or ``num_clients``. A pure function: every rank, and a resumed run, draws the same. Each client takes part
+    with probability q = count / num_clients in a round, independently of the other rounds."""
+    if not 0 <= count <= num_clients:
+        raise ValueError(f"count={count} must be from 0 (all) to num_clients={num_clients}")
+    if count in (0, num_clients):
+        return tuple(range(num_clients))
+    rng = np.random.default_rng([seed, round, SAMPLING_STREAM])
+    return tuple(sorted(int(k) for k in rng.choice(num_clients, size=count, replace=False)))
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,8 @@ class RoundPlan:
     the averaged groups and keep the rest local (ULatDec, UDec)."""
     method: str = ""
     """Name of the method that made the plan (informational: what a plan means is the Method's)."""
+    sampled: tuple[int, ...] | None = None
+    """The clients drawn to take part (ascending), None = every client; the others contribute nothing."""
 
     def __post_init__(self) -> None:
         if self.round < 1:
@@ -48,6 +68,18 @@ class RoundPlan:
             if unknown:
                 allowed = ", ".join(GROUPS)
                 raise ValueError(f"client {k}: unknown group(s) {sorted(unknown)}; allowed: {allowed}")
+        if self.sampled is not None:
+            s = self.sampled
+            if not s or list(s) != sorted(set(s)) or not 0 <= s[0] <= s[-1] < self.num_clients:
+                raise ValueError(f"sampled={s}: distinct clients 0..{self.num_clients - 1}, ascending")
+            idle = [k for k, groups in enumerate(self.assignments) if groups and k not in s]
+            if idle:
+                raise ValueError(f"client(s) {idle} contribute but were not sampled")
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """The clients that train and may contribute this round: the sampled ones, or all."""
+        return tuple(range(self.num_clients)) if self.sampled is None else self.sampled
 
     @property
     def num_clients(self) -> int:
@@ -120,11 +152,20 @@ class Method:
     """True: clients contribute different groups in one round (USplit), so ``usplit_train='assigned'``
     restricts what each trains."""
 
-    def plan(self, round: int, num_clients: int, seed: int) -> RoundPlan:
-        """The plan of ``round`` (from 1) for ``num_clients`` clients."""
+    def plan(self, round: int, num_clients: int, seed: int, sample_clients: int = 0) -> RoundPlan:
+        """The plan of ``round`` (from 1) for ``num_clients`` clients, of whom ``sample_clients`` take part
+        (0 = all: the method's plan as it always was). With a sample, the method plans among the sampled
+        clients (USplit draws its roles among them) and the others contribute nothing."""
         if num_clients < 1:
             raise ValueError(f"num_clients={num_clients} must be >= 1")
-        return self.plan_fn(round, num_clients, seed)
+        chosen = sampled_clients(seed, round, num_clients, sample_clients)
+        if len(chosen) == num_clients:
+            return self.plan_fn(round, num_clients, seed)
+        sub = self.plan_fn(round, len(chosen), seed)
+        roles = [frozenset[str]()] * num_clients
+        for i, k in enumerate(chosen):
+            roles[k] = sub.assignments[i]
+        return RoundPlan(round, tuple(roles), sub.broadcast_all, sub.method, sampled=chosen)
 
     def trainable(self, plan: RoundPlan, client: int, usplit_train: str) -> tuple[str, ...]:
         """Groups ``client`` trains in this round, in GROUPS order.
@@ -176,6 +217,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def plan_round(method: str, round: int, num_clients: int, seed: int) -> RoundPlan:
-    """The plan of ``round`` (from 1) for ``num_clients`` clients under ``method``."""
-    return get_method(method).plan(round, num_clients, seed)
+def plan_round(method: str, round: int, num_clients: int, seed: int, sample_clients: int = 0) -> RoundPlan:
+    """The plan of ``round`` (from 1) for ``num_clients`` clients under ``method`` (``Method.plan``)."""
+    return get_method(method).plan(round, num_clients, seed, sample_clients)

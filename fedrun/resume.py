@@ -10,14 +10,16 @@ Only plain integers travel between ranks, as tensors: no rank unpickles what a p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedrun import checkpoint as ckpt
 from fedrun import dist
 from fedrun.config import ConfigError, RunConfig
+from fedrun.exchange import Exchange
 from fedrun.rundir import RunDir, config_differences
 
 Warn = Callable[[str], None]
@@ -153,3 +155,35 @@ def resume_counters(rdir: Path | None, is_main: bool) -> dict[str, int]:
         values = [int(saved["paper_params_cum"]), int(saved["bytes_cum"])]
     paper, nbytes = gather_ints(values)[0]
     return {"paper_params_cum": paper, "bytes_cum": nbytes}
+
+
+def server_state(exchange: Exchange) -> dict[str, Any]:
+    """What ``shared.pt`` holds of the server update: ``{"server": state}`` with a server optimiser (identical
+    on every rank, so rank 0's is the run's), else nothing."""
+    return {} if exchange.optimizer is None else {"server": exchange.optimizer.state_dict()}
+
+
+def load_server_state(exchange: Exchange, rdir: Path | None, is_main: bool, params: Mapping[str, torch.Tensor]) -> None:
+    """Resume the server optimiser's state on every rank: rank 0 reads it from the ``shared.pt`` of the round
+    resumed (``rdir``), every rank learns which groups have stepped how often (JSON), then the state itself
+    travels in one broadcast into tensors shaped like ``params`` (a hosted client's), bit for bit. Nothing
+    with plain FedAvg or on a fresh start; every rank calls it alike."""
+    opt = exchange.optimizer
+    if opt is None:
+        return
+    saved = ckpt.safe_load(ckpt.shared_file(rdir))["server"] if is_main and rdir is not None else None
+    steps = dist.broadcast_json(None if saved is None else saved["steps"], dict[str, int] | None, what="server steps")
+    if steps is None:
+        return
+    unknown = sorted(set(steps) - set(exchange.named_groups))
+    if unknown:
+        raise ValueError(f"the checkpoint's server state has unknown group(s) {unknown}")
+    names = [n for g in steps for n in exchange.named_groups[g]]
+    device = next(iter(params.values())).device
+    if saved is None:  # the other ranks: room for rank 0's values
+        state = {s: {n: torch.empty_like(params[n], dtype=torch.float32) for n in names} for s in opt.slots}
+        saved = {"optimizer": opt.name, "steps": steps, "state": state}
+    else:
+        saved["state"] = {s: {n: saved["state"][s][n].to(device) for n in names} for s in opt.slots}
+    dist.broadcast_state([saved["state"][s][n] for s in opt.slots for n in names])
+    opt.load_state_dict(saved)

@@ -8,12 +8,12 @@ keeps working. Nothing here imports torch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedrun.methods import METHOD_NAMES, USPLIT_TRAIN
 from fedrun.partition import KINDS as PARTITIONS
-from fedrun.validation import check, check_types, choice
+from fedrun.validation import ConfigError, check, check_types, choice
 from unet import ARCHS  # torch-free: unet's names are lazy
 
 # Choice lists this module owns (the others come from the module that gives them meaning, above).
@@ -29,6 +29,20 @@ WEIGHTINGS = ("auto", "size", "uniform")
 """FedAvg's client weights: by data size, uniform, or auto (uniform with DP, else size)."""
 SECAGG_DTYPES = ("fp32",)
 """The exchange dtypes secure aggregation supports: its wire is int64 fixed point, made from fp32 values."""
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "nesterov")
+"""What the server update does with the average (``fedrun.exchange.server``): fedavg takes it; the others step
+along the pseudo-gradient (last shared parameters minus the average)."""
+SERVER_OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("server_lr", "server_momentum"),
+    "nesterov": ("server_lr", "server_momentum"),
+    "fedadam": ("server_lr", "server_betas", "server_eps"),
+    "fedyogi": ("server_lr", "server_betas", "server_eps"),
+}
+"""The ``federation.server_*`` fields each server optimiser reads; setting another is refused."""
+SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "nesterov": 0.7, "fedadam": 1e-2, "fedyogi": 1e-2}
+"""``federation.server_lr`` when none is given: FedAvgM's 1 (Hsu et al. 2019), DiLoCo's 0.7 (Douillard et al.
+2023), and 1e-2 for the adaptive ones, whose step is about server_lr per parameter (Reddi et al. 2021)."""
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -157,7 +171,21 @@ class FederationConfig:
     exchange_dtype: str = "fp32"
     """Dtype of what is exchanged: fp32, bf16 (half the bytes) or int8 (a quarter, with error feedback)."""
     seed: int = 2023
-    """Seed of initialisation, partition and USplit roles (the paper: 2023)."""
+    """Seed of initialisation, partition, USplit roles and client sampling (the paper: 2023)."""
+    sample_clients: int = 0
+    """Clients drawn to take part in each round (uniformly, without replacement, from (seed, round)); the
+    others do not train and contribute nothing, but receive the new shared parameters. 0 = all."""
+    server_optimizer: str = "fedavg"
+    """The server update: fedavg (the average), fedavgm (SGD with momentum), nesterov (SGD with Nesterov
+    momentum: DiLoCo's outer step), fedadam or fedyogi (Reddi et al. 2021), on the pseudo-gradient."""
+    server_lr: float | None = None
+    """Server learning rate; None = the optimiser's default (fedavgm 1, nesterov 0.7, fedadam/fedyogi 0.01)."""
+    server_momentum: float = 0.9
+    """Momentum of fedavgm and nesterov."""
+    server_betas: tuple[float, ...] = (0.9, 0.99)
+    """(beta1, beta2) of fedadam and fedyogi."""
+    server_eps: float = 1e-3
+    """Epsilon (Reddi et al.'s tau) of fedadam and fedyogi, added to the root of the second moment."""
     weighting: str = "auto"
     """FedAvg's client weights: 'size' (|D_k|, the paper), 'uniform', or 'auto' (uniform with DP, else size)."""
     dp_clip: float | None = None
@@ -190,7 +218,55 @@ class FederationConfig:
         choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
         # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
         check(0 <= self.seed < 2**32, "federation.seed", self.seed, "allowed: an integer from 0 to 2**32 - 1")
+        check(
+            0 <= self.sample_clients <= self.clients,
+            "federation.sample_clients",
+            self.sample_clients,
+            f"allowed: 0 (all) to federation.clients={self.clients}",
+        )
+        self._check_server()
         self._check_privacy()
+
+    def _check_server(self) -> None:
+        choice("federation.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        check(
+            self.server_lr is None or self.server_lr > 0,
+            "federation.server_lr",
+            self.server_lr,
+            "allowed: > 0 or none (the optimiser's default)",
+        )
+        check(0 <= self.server_momentum < 1, "federation.server_momentum", self.server_momentum, "allowed: 0 <= m < 1")
+        self.server_betas = tuple(float(b) for b in self.server_betas)
+        check(
+            len(self.server_betas) == 2 and all(0 <= b < 1 for b in self.server_betas),
+            "federation.server_betas",
+            self.server_betas,
+            "allowed: two numbers beta1,beta2 with 0 <= beta < 1",
+        )
+        check(self.server_eps > 0, "federation.server_eps", self.server_eps, "allowed: > 0")
+        # A field the chosen optimiser ignores would silently do nothing: refuse it instead.
+        used = SERVER_OPTIMIZER_FIELDS[self.server_optimizer]
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("server_lr", "server_momentum", "server_betas", "server_eps"):
+            value = getattr(self, name)
+            if name not in used and value != defaults[name]:
+                users = [o for o, f in SERVER_OPTIMIZER_FIELDS.items() if name in f]
+                raise ConfigError(
+                    f"invalid federation.{name}={value!r} with federation.server_optimizer="
+                    f"{self.server_optimizer}, which does not use it (used by {', '.join(users)})"
+                )
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server_lr``, or the chosen optimiser's default (``SERVER_LR_DEFAULTS``); 1 for fedavg."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return SERVER_LR_DEFAULTS.get(self.server_optimizer, 1.0)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether rounds draw a subset of the clients (0 < sample_clients < clients)."""
+        return 0 < self.sample_clients < self.clients
 
     @property
     def dp(self) -> bool:
@@ -264,6 +340,9 @@ class OptimConfig:
     """Mixed precision of the local step: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
     compile: bool = False
     """torch.compile the model for the local step."""
+    prox_mu: float = 0.0
+    """FedProx (Li et al. 2020): (mu/2) ||theta - theta_shared||^2 over the shared groups joins the local loss,
+    theta_shared the shared parameters received at the start of the round; 0 = off."""
 
     def __post_init__(self) -> None:
         check_types(self, "optim.")
@@ -276,3 +355,4 @@ class OptimConfig:
             "allowed: 0 < decay < 1 or none",
         )
         choice("optim.amp", self.amp, AMP_DTYPES)
+        check(self.prox_mu >= 0, "optim.prox_mu", self.prox_mu, "allowed: >= 0 (0 = off)")

@@ -20,6 +20,7 @@ from fedrun.client import ClientState, LocalTrainer, StepConfig, choose_placemen
 from fedrun.config import ConfigError, RunConfig
 from fedrun.data import ClientData, load_client_data
 from fedrun.exchange import Exchange
+from fedrun.exchange.server import make_server
 from fedrun.methods import Method
 from fedrun.output import Sink
 from fedrun.privacy.run import build_privacy
@@ -59,7 +60,10 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     # With DP the clients weigh alike (the sensitivity analysis; FederationConfig.fedavg_weighting).
     weights = sizes if fed.fedavg_weighting == "size" else [1] * fed.clients
     privacy = build_privacy(fed, hosted, sink.warn)  # secure aggregation's key exchange: every rank
-    exchange = Exchange(groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy)
+    server = make_server(
+        fed.server_optimizer, groups, fed.effective_server_lr, fed.server_momentum, fed.server_betas, fed.server_eps
+    )
+    exchange = Exchange(groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy, server=server)
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.

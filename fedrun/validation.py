@@ -50,7 +50,7 @@ def describe_type(tp: Any) -> str:
     if tp in names:
         return names[tp]
     if typing.get_origin(tp) is tuple:
-        return "a list of integers"
+        return "a list of integers" if typing.get_args(tp)[0] is int else "a list of numbers"
     return f"a {tp.__name__}"
 
 
@@ -114,7 +114,8 @@ def parse_value(text: Any, tp: Any, name: str) -> Any:
         if tp is str:
             return text
         if origin is tuple:
-            return tuple(int(v) for v in text.strip("()[] ").split(",") if v.strip())
+            item = int if args[0] is int else float
+            return tuple(item(v) for v in text.strip("()[] ").split(",") if v.strip())
     except ValueError:
         raise ConfigError(f"invalid {name}={text!r}: expected {getattr(tp, '__name__', tp)}") from None
     return text

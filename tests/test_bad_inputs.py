@@ -91,6 +91,19 @@ def test_bad_config_file_is_one_line_naming_file_and_field(tmp_path: Path, text:
         (["--name", "../../x"], ["name='../../x'", "inside out_dir", "no '..'"]),
         (["--name", "/tmp/elsewhere"], ["name='/tmp/elsewhere'", "not absolute"]),
         (["--set", "name=a/../../b"], ["name='a/../../b'", "no '..'"]),
+        # issue 14: sampling, server optimisers, FedProx, and fields the chosen optimiser would ignore
+        (["--clients", "3", "--set", "federation.sample_clients=4"], ["sample_clients=4", "federation.clients=3"]),
+        (["--set", "federation.server_optimizer=adam"], ["server_optimizer='adam'", "fedavg, fedavgm, fedadam"]),
+        (["--set", "federation.server_lr=0.5"], ["server_lr=0.5", "server_optimizer=fedavg", "used by fedavgm"]),
+        (
+            ["--set", "federation.server_optimizer=fedadam", "--set", "federation.server_momentum=0.5"],
+            ["server_momentum=0.5", "server_optimizer=fedadam", "used by fedavgm, nesterov"],
+        ),
+        (
+            ["--set", "federation.server_optimizer=fedyogi", "--set", "federation.server_betas=0.9,1"],
+            ["server_betas=(0.9, 1.0)", "0 <= beta < 1"],
+        ),
+        (["--set", "optim.prox_mu=-0.1"], ["optim.prox_mu=-0.1", ">= 0"]),
     ],
 )
 def test_bad_flag_is_one_line(args: list[str], needles: list[str]):
@@ -326,6 +339,15 @@ def test_fewer_clients_than_ranks_is_refused_before_the_process_group(tmp_path: 
     )
     one_error_line(p, 2, "federation.clients=1", "fewer clients than the 2 ranks", "--clients >= 2")
     assert time.monotonic() - t0 < 100
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_more_sampled_than_clients_is_refused_before_the_process_group(tmp_path: Path, fmnist_root: Path):
+    # Only rank 0 of 2 starts: the config check comes before the process group would wait for rank 1.
+    args = ["--clients", "2", "--set", "federation.sample_clients=3", "--set", "dist_timeout_s=300"]
+    where = ["--data-root", str(fmnist_root), "--out-dir", str(tmp_path)]
+    p = fedrun("train", *TINY, *where, *args, **_rank_env(0, 2, free_port()))
+    one_error_line(p, 2, "federation.sample_clients=3", "0 (all) to federation.clients=2")
     assert sorted(tmp_path.iterdir()) == []
 
 

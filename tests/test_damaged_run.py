@@ -175,8 +175,8 @@ def _poison(monkeypatch, in_round: int, what: str) -> None:
 
     real = LocalTrainer.train_round
 
-    def train_round(self, client, rnd, trainable=None):
-        res = real(self, client, rnd, trainable)
+    def train_round(self, client, rnd, trainable=None, anchored=None):
+        res = real(self, client, rnd, trainable, anchored)
         if rnd == in_round and client.cid == 1:
             if what == "loss":
                 return RoundResult(loss_sum=float("nan"), steps=res.steps, images=res.images)

@@ -35,7 +35,7 @@ from fedrun.exchange.int8 import Int8Feedback, Int8Transport
 from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
 from fedrun.exchange.private import Privacy
 from fedrun.exchange.reference import GroupReference, Reference
-from fedrun.exchange.server import FedAvg, write_back
+from fedrun.exchange.server import FedAvg, ServerOptimizer, write_back
 from fedrun.exchange.transport import Transport, wait_all
 from fedrun.exchange.update import CHANGE_DTYPES, QuantisedChanges, Update, choose_update, slot_tolerance
 from fedrun.exchange.weights import RankShare, WeightSumError, check_weight_sums, data_shares, rank_share
@@ -61,6 +61,8 @@ class SyncStats:
     """Number of collectives issued: one per bucket (int8: 2), 0 for a single process or nothing shared."""
     groups: tuple[str, ...] = ()
     """The groups averaged."""
+    pseudo_grad_norm: float | None = None
+    """With a server optimiser: ||ref - average|| over the shared groups, the step's pseudo-gradient."""
 
 
 class Exchange:
@@ -76,6 +78,7 @@ class Exchange:
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
         privacy: DP-FedAvg's clipping and noise and/or secure aggregation's masks (``fedrun.exchange.private``);
             every sync then sends changes against the reference (``set_reference`` first).
+        server: the server update (``fedrun.exchange.server.make_server``); None = plain FedAvg.
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -89,6 +92,8 @@ class Exchange:
 
     int8: the same changes, in fp32 on the rank, then quantised per block of 256 with error feedback and
     reduced by all-to-all + all-gather (``fedrun.exchange.int8``; its state is ``feedback``). Not bucketed.
+    A server optimiser steps the reference along ref - average: it keeps the reference in fp32 too, and
+    needs one from the start (``set_reference`` with the values every client starts from).
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class Exchange:
         exchange_dtype: str = "fp32",
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
         privacy: Privacy | None = None,
+        server: FedAvg | None = None,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -122,12 +128,15 @@ class Exchange:
         self.exchange_dtype = exchange_dtype
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
         self.transport = Transport(group)
-        self.server = FedAvg()
+        self.server = server if server is not None else FedAvg()
+        self.optimizer = self.server if isinstance(self.server, ServerOptimizer) else None
+        """The server optimiser, None for plain FedAvg."""
         self.feedback = Int8Feedback() if exchange_dtype == "int8" else None
         """int8: this rank's error feedback (checkpointed with its lowest hosted client)."""
         self._int8: Int8Transport | None = None
         self.reference = Reference(self.named_groups)
-        """bf16, int8 and privacy: the last averaged value of every shared parameter, identical on every rank."""
+        """bf16, int8, privacy or a server optimiser: the last shared value of every shared parameter, identical
+        on every rank."""
         self.privacy = privacy
         """DP clipping and noise, secure aggregation (``fedrun.exchange.private``): changes against the reference."""
         self.adopted: Adopted | None = None
@@ -148,9 +157,10 @@ class Exchange:
         return self.transport.world_size
 
     def set_reference(self, params: Mapping[str, Tensor]) -> None:
-        """bf16, int8 or privacy: values every client holds now, identical on every rank (e.g. the broadcast initial
-        model), so that even the first sync exchanges changes (privacy needs them). Call it on every rank alike."""
-        if self._sends_changes:
+        """bf16, int8, privacy or a server optimiser: values every client holds now, identical on every rank (e.g.
+        the broadcast initial model), so that even the first sync exchanges changes (privacy needs them) and a
+        server optimiser has its first step's ref. Call it on every rank alike."""
+        if self._sends_changes or self.optimizer is not None:
             self.reference.set(params)
 
     def reset_reference(self) -> None:
@@ -172,12 +182,17 @@ class Exchange:
         return True
 
     @torch.no_grad()
-    def sync(self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]]) -> SyncStats:
+    def sync(
+        self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]], fedavg: bool = False
+    ) -> SyncStats:
         """Average this round's shared groups and write them, in place, into every hosted client.
 
         ``client_params`` maps each client hosted by this rank to its live parameters by name. Every rank
         must call ``sync`` with the same plan. Every hosted client receives every shared group (under
-        USplit every group is shared, so every client gets the whole model); local groups are not touched.
+        USplit every group is shared, so every client gets the whole model); local groups are not touched,
+        and neither are clients the plan did not sample, except that they too receive the shared groups.
+        ``fedavg``: the plain average whatever the server optimiser, its state and fp32 reference untouched
+        (the final average of the EMA copies, which are no server model).
         """
         start = time.perf_counter()
         share = rank_share(plan, self.shares, client_params)
@@ -191,7 +206,10 @@ class Exchange:
         device = (first or list(client_params[hosted[0]].values()))[0].device
         run = self._adopted_run(share.groups, first, len(hosted))
         sig = self._signature(share.groups, first, run)
-        refs = self._references(share.groups, sig, accumulation_dtype(first), device)
+        server = self.server if not fedavg else FedAvg()
+        refs = self._references(share.groups, sig, accumulation_dtype(first), device, server)
+        if refs is None and server is self.optimizer:
+            raise ValueError(f"{server.name}: no reference to step from; call set_reference on every rank first")
         private = self.privacy
         update = (
             choose_update(self.exchange_dtype, refs is not None)
@@ -217,7 +235,7 @@ class Exchange:
             if not alone:
                 check_weight_sums(plan.round, share.groups, update.decode_slots(layout.wire_slots), tol, written)
             written = True
-            self._receive(layout, update, refs, [sources[k] for k in hosted], device)
+            self._receive(layout, update, refs, [sources[k] for k in hosted], device, server)
         except BaseException as e:
             if written:  # references may be half updated: the next sync exchanges values again
                 self.reset_reference()
@@ -231,17 +249,18 @@ class Exchange:
             torch.cuda.synchronize(layout.buffer.device)
         nbytes = int8_bytes if quantised or alone else layout.wire.numel() * layout.wire.element_size()
         collectives = 0 if alone else 2 if quantised else len(handles)
-        return SyncStats(nbytes, time.perf_counter() - start, collectives, share.groups)
+        norm = server.pseudo_grad_norm() if isinstance(server, ServerOptimizer) else None
+        return SyncStats(nbytes, time.perf_counter() - start, collectives, share.groups, norm)
 
     def sync_once(self, plan: RoundPlan, client_params: Mapping[int, Mapping[str, Tensor]]) -> SyncStats:
-        """A one-off sync outside the rounds (the EMA copies at the end of a run): ``sync``, except that an
-        int8 exchange sends it as fp32 values and leaves its reference and error feedback as they are
-        (they belong to the rounds' parameters, not to these tensors)."""
+        """A one-off sync outside the rounds (the EMA copies at the end of a run): plain FedAvg, so a server
+        optimiser's state and reference are left alone, and for int8 fp32 values, leaving its reference and
+        error feedback as they are (they belong to the rounds' parameters, not to these tensors)."""
         if self.exchange_dtype != "int8":
-            return self.sync(plan, client_params)
+            return self.sync(plan, client_params, fedavg=True)
         self.exchange_dtype = "fp32"
         try:
-            return self.sync(plan, client_params)
+            return self.sync(plan, client_params, fedavg=True)
         finally:
             self.exchange_dtype = "int8"
 
@@ -254,10 +273,11 @@ class Exchange:
         return self._int8.reduce(layout, fill, hosted)
 
     def _references(
-        self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device
+        self, groups: tuple[str, ...], sig: Signature, dtype: torch.dtype, device: torch.device, server: FedAvg
     ) -> list[GroupReference] | None:
-        """bf16, int8 or privacy: every shared group's reference, laid out like its run; None unless all exist."""
-        if not self._sends_changes:
+        """bf16, int8, privacy or a server optimiser: every shared group's reference, laid out like its run;
+        None unless all of them exist."""
+        if not self._sends_changes and server is not self.optimizer:
             return None
         pos, refs = 0, []
         for g in groups:
@@ -292,19 +312,22 @@ class Exchange:
         refs: list[GroupReference] | None,
         clients: list[list[Tensor]],
         device: torch.device,
+        server: FedAvg,
     ) -> None:
-        """Stage 4, after the check: every part's new value (the bf16 reference updated) into every client."""
+        """Stage 4, after the check: every part's new value (the reference updated) into every client."""
         if refs is None and self.exchange_dtype in CHANGE_DTYPES:  # values exchanged: they become the references
             refs = [
                 self.reference.create(g, layout.group_signature(i), layout.buffer.dtype, device)
                 for i, g in enumerate(layout.groups)
             ]
+        sigs = [layout.group_signature(i) for i in range(len(layout.groups))]
+        server.begin(layout.groups, sigs, layout.buffer.dtype, device)
         for bucket in layout.buckets:
             for part in bucket.parts:
                 update.decode(part)
                 ref = refs[part.group] if refs is not None else None
                 ref_seg = None if ref is None else ref.flat[part.glo : part.glo + part.hi - part.lo]
-                new = self.server.step(part.seg, ref_seg, update.changes)
+                new = server.step(part.seg, ref_seg, update.changes, part)
                 views = part.views if new is part.seg else ref.views[part.gfirst : part.gfirst + part.stop - part.first]
                 write_back(part, new, views, clients, layout.aliased)
 
