@@ -130,7 +130,8 @@ class Run:
         counters = resume_counters(rdir, self.ctx.is_main)
         if rdir is not None:
             for k, client in h.clients.items():
-                client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
+                sd = ckpt.safe_load(ckpt.client_file(rdir, k), map_location=h.residency.storage)
+                client.load_state_dict(sd)
             self.sink.info(f"resuming {self.dir.root} after round {self.start_round} of {fed.rounds}")
         self.last_checkpoint = self.start_round
         # bf16 exchange sends changes against the last averaged values, identical on every rank: the initial
@@ -166,7 +167,8 @@ class Run:
         losses: dict[int, float] = {}
         images = 0
         for k, client in h.clients.items():
-            res = h.trainer.train_round(client, rnd, self._trainable(plan, k))
+            with h.residency.turn(client):  # host residency: swapped in for its turn (fedrun.residency)
+                res = h.trainer.train_round(client, rnd, self._trainable(plan, k))
             losses[k] = res.loss_sum / res.steps
             images += res.images
             self.sink.advance_steps(res.steps)

@@ -22,6 +22,7 @@ from fedrun.data import ClientData, load_client_data
 from fedrun.exchange import Exchange
 from fedrun.methods import Method
 from fedrun.output import Sink
+from fedrun.residency import Residency, choose_residency
 from unet import EMA, GaussianDiffusion, group_sizes, parameter_groups
 
 
@@ -42,6 +43,8 @@ class Hosted:
     """The hosted clients by id, ascending (client k lives on rank k % world size)."""
     trainer: LocalTrainer
     exchange: Exchange
+    residency: Residency
+    """Where the clients wait between turns and how one is swapped in (``federation.resident``)."""
 
     @property
     def first(self) -> ClientState:
@@ -55,7 +58,8 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     hosted = dist.hosted_clients(ctx.rank, ctx.world_size, fed.clients)
     data, sizes = _load_data(cfg, hosted)
     model, diffusion, groups = _initial_model(cfg, method, ctx.device)
-    exchange = Exchange(groups, sizes, exchange_dtype=fed.exchange_dtype)
+    # The packed buffer lives on the training device even when the clients wait in host memory (NCCL).
+    exchange = Exchange(groups, sizes, exchange_dtype=fed.exchange_dtype, device=ctx.device)
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.
@@ -69,15 +73,21 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     )
     images = _place_images(cfg, ctx, data, sink)
     del data  # host copies of images moved to the GPU are freed here
+    residency = Residency(model, ctx.device, choose_residency(fed.resident, ctx.device, len(hosted)))
+    # One client at a time: parked in host memory before the next is made (at most one extra on the device).
     clients = {
-        k: ClientState(
-            cid=k,
-            params=trainer.new_client_params(k),
-            images=images[k],
-            ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        k: residency.park(
+            ClientState(
+                cid=k,
+                params=trainer.new_client_params(k),
+                images=images[k],
+                ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+            )
         )
         for k in hosted
     }
+    if residency.host:
+        sink.info(f"rank {ctx.rank}: {residency.describe(len(hosted))}")
     return Hosted(
         model=model,
         diffusion=diffusion,
@@ -87,6 +97,7 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
         clients=clients,
         trainer=trainer,
         exchange=exchange,
+        residency=residency,
     )
 
 

@@ -70,6 +70,8 @@ class Exchange:
         bucket_bytes: bytes on the wire per collective: the shared parameters are cut into buckets of about
             this size at parameter boundaries (the weight slots end the last bucket); None = one bucket.
             Bucketing changes no rounding of this package (see ``fedrun.exchange.transport``).
+        device: where a packed buffer lives; None = where the first hosted client's parameters are. Clients
+            waiting in host memory (``fedrun.residency``) are then summed on the device (NCCL needs it).
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -89,6 +91,7 @@ class Exchange:
         group: dist.ProcessGroup | None = None,
         exchange_dtype: str = "fp32",
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+        device: torch.device | None = None,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -111,6 +114,7 @@ class Exchange:
         self.shares = data_shares(self.client_sizes)
         self.exchange_dtype = exchange_dtype
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
+        self.device = None if device is None else torch.device(device)
         self.transport = Transport(group)
         self.server = FedAvg()
         self.reference = Reference(self.named_groups)
@@ -168,7 +172,7 @@ class Exchange:
             return SyncStats(0, time.perf_counter() - start, 0, ())
         hosted = sorted(client_params)
         first = self._first(share.groups, client_params[hosted[0]])
-        device = (first or list(client_params[hosted[0]].values()))[0].device
+        device = self.device or (first or list(client_params[hosted[0]].values()))[0].device
         run = self._adopted_run(share.groups, first, len(hosted))
         sig = self._signature(share.groups, first, run)
         refs = self._references(share.groups, sig, accumulation_dtype(first), device)
