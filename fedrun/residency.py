@@ -92,8 +92,10 @@ class Residency:
         return torch.device("cpu") if self.host else self.device
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to("cpu", copy=True)
-        return t.pin_memory() if self.pin else t
+        # The same strides as on the device (channels_last stays NHWC): a packed sync lays a parameter out in
+        # its own memory order, and ranks whose clients wait in different places must lay it out alike.
+        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu", pin_memory=self.pin)
+        return host.copy_(t.detach())
 
     def park(self, client: ClientState) -> ClientState:
         """Put a new client's state where it waits (host: moved there, pinned on CUDA) and count it."""
