@@ -53,6 +53,10 @@ def _tiny_rank(where: str, clients: int, rounds: int) -> dict:
     cfg = apply_overrides(get_preset("tiny"), small)
     torch.manual_seed(0)
     model = build_model(cfg).to(memory_format=torch.channels_last)
+    # Adopted as a rank with one client would be (its parameters moved into the exchange's flat tensor): turns
+    # must leave that aliasing intact, since they only copy values into the module.
+    adopter = Exchange(parameter_groups(model), [1])
+    assert adopter.adopt(model)
     ptrs = [p.data_ptr() for p in model.parameters()]
     step = StepConfig.from_config(cfg, CPU)
     trainer = LocalTrainer(model, build_diffusion(cfg), step, CPU)
@@ -84,7 +88,8 @@ def _tiny_rank(where: str, clients: int, rounds: int) -> dict:
         "states": states,
         "residency": residency,
         "peaks": peaks,
-        "ptrs_kept": ptrs == [p.data_ptr() for p in model.parameters()],
+        "ptrs_kept": ptrs == [p.data_ptr() for p in model.parameters()]
+        and adopter.adopted.holds(list(dict(model.named_parameters())), list(model.parameters())),
         "module": {n: p.detach().clone() for n, p in model.named_parameters()},
     }
 
