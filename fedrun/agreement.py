@@ -23,6 +23,7 @@ SITE_FIELDS: dict[str, str] = {
     "data.download": "whether this site may fetch a missing dataset: its network, not the run",
     "data.client_data": "the path template of this site's own image folders",
     "data.placement": "GPU or host memory for this rank's images: its hardware; the data order is the same",
+    "federation.resident": "GPU or host memory for this rank's waiting clients: its hardware; results are identical",
     "out_dir": "where this site writes its run directory: sites need not share a filesystem",
     "name": "the run directory's name on this site's disk (as out_dir)",
     "device": "this site's hardware (auto, cpu, cuda)",

@@ -75,6 +75,7 @@ NOT_TRAINED_FIELDS = frozenset(
         "data.root",
         "data.download",
         "data.placement",
+        "federation.resident",
         "device",
         "dist_timeout_s",
         "optim.compile",

@@ -119,7 +119,8 @@ class Run:
             self.privacy.resume(rdir, self.ctx.is_main)
         if rdir is not None:
             for k, client in h.clients.items():
-                client.load_state_dict(ckpt.safe_load(ckpt.client_file(rdir, k), map_location=self.ctx.device))
+                sd = ckpt.safe_load(ckpt.client_file(rdir, k), map_location=h.residency.storage)
+                client.load_state_dict(sd)
             self.sink.info(f"resuming {self.dir.root} after round {self.start_round} of {fed.rounds}")
         self.last_checkpoint = self.start_round
         # bf16 exchange sends changes against the last shared values, and a server optimiser steps from them,
@@ -159,7 +160,8 @@ class Run:
         for k, client in h.clients.items():
             if k not in plan.participants:  # not sampled: it neither trains nor contributes this round
                 continue
-            res = h.trainer.train_round(client, rnd, self._trainable(plan, k), self._anchored(plan))
+            with h.residency.turn(client):  # host residency: swapped in for its turn (fedrun.residency)
+                res = h.trainer.train_round(client, rnd, self._trainable(plan, k), self._anchored(plan))
             losses[k] = res.loss_sum / res.steps
             images += res.images
             self.sink.advance_steps(res.steps)

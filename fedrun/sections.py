@@ -201,6 +201,10 @@ class FederationConfig:
     secagg_range: float | None = None
     """Secure aggregation: the largest |value| of a client's update in the fixed-point encoding (larger ones
     are saturated and reported); None = from the clip with DP, else 1.0."""
+    resident: str = "auto"
+    """Where a rank keeps the states (parameters, EMA) of its clients while they wait for their turn:
+    'device', 'host' (pinned on a GPU machine, swapped in for each turn: device memory stays one client's
+    working set) or 'auto' (host on a GPU rank hosting several clients, else device). ``fedrun.residency``."""
 
     def __post_init__(self) -> None:
         check_types(self, "federation.")
@@ -216,6 +220,7 @@ class FederationConfig:
         )
         choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
         choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
+        choice("federation.resident", self.resident, PLACEMENTS)
         # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
         check(0 <= self.seed < 2**32, "federation.seed", self.seed, "allowed: an integer from 0 to 2**32 - 1")
         check(

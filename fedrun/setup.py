@@ -24,6 +24,7 @@ from fedrun.exchange.server import make_server
 from fedrun.methods import Method
 from fedrun.output import Sink
 from fedrun.privacy.run import build_privacy
+from fedrun.residency import Residency, choose_residency
 from unet import EMA, GaussianDiffusion, group_sizes, parameter_groups
 
 
@@ -44,6 +45,8 @@ class Hosted:
     """The hosted clients by id, ascending (client k lives on rank k % world size)."""
     trainer: LocalTrainer
     exchange: Exchange
+    residency: Residency
+    """Where the clients wait between turns and how one is swapped in (``federation.resident``)."""
 
     @property
     def first(self) -> ClientState:
@@ -63,7 +66,10 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     server = make_server(
         fed.server_optimizer, groups, fed.effective_server_lr, fed.server_momentum, fed.server_betas, fed.server_eps
     )
-    exchange = Exchange(groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy, server=server)
+    # The packed buffer lives on the training device even when the clients wait in host memory (NCCL).
+    exchange = Exchange(
+        groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy, server=server, device=ctx.device
+    )
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a
         # round's sync scales and all-reduces them where they lie. Before the trainer: it may compile them.
@@ -77,17 +83,23 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     )
     images = _place_images(cfg, ctx, data, sink)
     del data  # host copies of images moved to the GPU are freed here
+    residency = Residency(model, ctx.device, choose_residency(fed.resident, ctx.device, len(hosted)))
+    # One client at a time: parked in host memory before the next is made (at most one extra on the device).
     clients = {
-        k: ClientState(
-            cid=k,
-            params=trainer.new_client_params(k),
-            images=images[k],
-            ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+        k: residency.park(
+            ClientState(
+                cid=k,
+                params=trainer.new_client_params(k),
+                images=images[k],
+                ema=EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None,
+            )
         )
         for k in hosted
     }
     # int8: the rank's error feedback is saved and resumed with its lowest hosted client (one file per rank).
     clients[hosted[0]].feedback = exchange.feedback
+    if residency.host:
+        sink.info(f"rank {ctx.rank}: {residency.describe(len(hosted))}")
     return Hosted(
         model=model,
         diffusion=diffusion,
@@ -97,6 +109,7 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
         clients=clients,
         trainer=trainer,
         exchange=exchange,
+        residency=residency,
     )
 
 

@@ -80,3 +80,16 @@ def test_bench_bytes(tmp_path):
     # The real syncs handed exactly the computed bytes to the collective.
     assert all(r["match"] for r in doc["results"])
     assert all(t["passed"] for t in doc["targets"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_bench_clients(tmp_path, fmnist_root):
+    doc = run_bench("bench_clients", tmp_path, "--data-root", str(fmnist_root), "--resident", "host")
+    rows = {(r["clients"], r["rank"]): r for r in doc["results"]}
+    assert set(rows) == {(1, 0), (4, 0), (4, 1), (6, 0), (6, 1)}
+    # The module's accounting: one hosted client is the working set; through the host, one state at a time.
+    assert rows[(1, 0)]["where"] == "device" and rows[(1, 0)]["peak_on_device"] == 1
+    assert all(r["where"] == "host" and r["peak_on_device"] == 1 for k, r in rows.items() if k[0] > 1)
+    assert rows[(6, 0)]["hosted"] == 3 and all(r["device_peak_mib"] == -1 for r in rows.values())  # CPU: n/a
+    assert doc["swap"]["swap_s"] > 0 and doc["swap"]["epoch_s"] > 0

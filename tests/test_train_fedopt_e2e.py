@@ -1,6 +1,7 @@
 """End to end through `torchrun -m fedrun train` (2 gloo ranks, 3 clients, one rank hosting two): client sampling,
-a server optimiser, FedProx and int8 updates with error feedback together, stopped after round 2 and resumed, equal the uninterrupted run bit for bit
-(the draws replay from (seed, round); the server state comes back from rank 0's shared.pt on every rank)."""
+a server optimiser, FedProx and int8 updates with error feedback together, stopped after round 2 and resumed,
+equal the uninterrupted run bit for bit (the draws replay from (seed, round); the server state comes back from
+rank 0's shared.pt on every rank)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,15 @@ from torch import Tensor, nn
 from fedrun.config import EXCHANGE_DTYPES
 from fedrun.exchange.adopt import Adopted, adopt_parameters
 from fedrun.exchange.int8 import Int8Feedback, Int8Transport
-from fedrun.exchange.layout import Bucket, Layout, Signature, accumulation_dtype, layout_key, signature
+from fedrun.exchange.layout import (
+    Bucket,
+    Layout,
+    Signature,
+    accumulation_dtype,
+    client_tensors,
+    layout_key,
+    signature,
+)
 from fedrun.exchange.private import Privacy
 from fedrun.exchange.reference import GroupReference, Reference
 from fedrun.exchange.server import FedAvg, ServerOptimizer, write_back
@@ -79,6 +87,8 @@ class Exchange:
         privacy: DP-FedAvg's clipping and noise and/or secure aggregation's masks (``fedrun.exchange.private``);
             every sync then sends changes against the reference (``set_reference`` first).
         server: the server update (``fedrun.exchange.server.make_server``); None = plain FedAvg.
+        device: where a packed buffer lives; None = where the first hosted client's parameters are. Clients
+            waiting in host memory (``fedrun.residency``) are then summed on the device (NCCL needs it).
 
     Failures: a packed sync checks the summed weights before it writes anything, so a sync that raises
     leaves every hosted client as it was. An in-place sync has scaled its parameters before the collective:
@@ -105,6 +115,7 @@ class Exchange:
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
         privacy: Privacy | None = None,
         server: FedAvg | None = None,
+        device: torch.device | None = None,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -127,6 +138,7 @@ class Exchange:
         self.shares = data_shares(self.client_sizes)
         self.exchange_dtype = exchange_dtype
         self.bucket_bytes = None if bucket_bytes is None else int(bucket_bytes)
+        self.device = None if device is None else torch.device(device)
         self.transport = Transport(group)
         self.server = server if server is not None else FedAvg()
         self.optimizer = self.server if isinstance(self.server, ServerOptimizer) else None
@@ -203,7 +215,7 @@ class Exchange:
             return SyncStats(0, time.perf_counter() - start, 0, ())
         hosted = sorted(client_params)
         first = self._first(share.groups, client_params[hosted[0]])
-        device = (first or list(client_params[hosted[0]].values()))[0].device
+        device = self.device or (first or list(client_params[hosted[0]].values()))[0].device
         run = self._adopted_run(share.groups, first, len(hosted))
         sig = self._signature(share.groups, first, run)
         server = self.server if not fedavg else FedAvg()
@@ -218,7 +230,7 @@ class Exchange:
         )
         layout = self._layout(share.groups, first, sig, update, device, run)
         # Every hosted client receives every shared group: check them all before the first collective.
-        sources = {k: first if i == 0 else self._client(layout, k, client_params[k]) for i, k in enumerate(hosted)}
+        sources = {k: first if i == 0 else client_tensors(layout, k, client_params[k]) for i, k in enumerate(hosted)}
         if private is not None and refs is not None:
             update = private.prepare(update, plan, share, layout, sources, refs)
         tol = slot_tolerance(layout.wire.dtype)
@@ -384,16 +396,3 @@ class Exchange:
         except KeyError:
             missing = next((n, g) for g in groups for n in self.named_groups[g] if n not in params)
             raise KeyError(f"parameter {missing[0]!r} of group {missing[1]!r} missing from the hosted client") from None
-
-    @staticmethod
-    def _client(layout: Layout, client: int, params: Mapping[str, Tensor]) -> list[Tensor]:
-        """A further hosted client's shared parameters in layout order, checked against the layout."""
-        out = []
-        for n, (shape, _) in zip(layout.names, layout.signature, strict=True):
-            t = params.get(n)
-            if t is None:
-                raise KeyError(f"client {client}: parameter {n!r} missing")
-            if t.shape != shape:
-                raise ValueError(f"client {client}: {n} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            out.append(t)
-        return out

@@ -228,3 +228,16 @@ class Layout:
             views = tuple(buf.as_strided(v.shape, v.stride(), v.storage_offset() + shift) for v in part.views)
             found = self._scratch_parts[part.lo] = (buf[part.lo : part.hi], views)
         return found
+
+
+def client_tensors(layout: Layout, client: int, params: Mapping[str, Tensor]) -> list[Tensor]:
+    """A further hosted client's shared parameters in ``layout``'s order, checked against the layout."""
+    out = []
+    for n, (shape, _) in zip(layout.names, layout.signature, strict=True):
+        t = params.get(n)
+        if t is None:
+            raise KeyError(f"client {client}: parameter {n!r} missing")
+        if t.shape != shape:
+            raise ValueError(f"client {client}: {n} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        out.append(t)
+    return out

@@ -67,12 +67,14 @@ class Update:
                     seg.sub_(ref)
                 if p != 1:  # x * 1 is x, bit for bit
                     seg.mul_(p)
-            elif ref is None:
+            elif ref is None and src[0].device == seg.device:
                 torch._foreach_add_(views, src, alpha=p)
-            else:  # (theta_k - ref) first, in the buffer's dtype: small changes survive the cast
+            else:  # (theta_k - ref) first, in the buffer's dtype: small changes survive the cast; a client
+                # waiting on another device (host memory, fedrun.residency) is copied over first (exact)
                 scratch, scratch_views = layout.scratch(part)
                 torch._foreach_copy_(scratch_views, src)
-                scratch.sub_(ref)
+                if ref is not None:
+                    scratch.sub_(ref)
                 torch._foreach_add_(views, scratch_views, alpha=p)
         if part.wire is not seg:
             part.wire.copy_(seg)  # one rounding, even on one rank (same-dtype ops before: mixed ones are slow)
