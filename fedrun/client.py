@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedrun.build import image_shape
 from fedrun.config import PLACEMENTS, RunConfig
+from fedrun.precision import amp_choice
 from unet import EMA, GaussianDiffusion
 
 
@@ -73,14 +75,6 @@ class ClientState:
         self.epoch, self.offset, self.last_loss = sd["epoch"], sd["offset"], sd["last_loss"]
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``optim.amp``: 'auto' = bf16 on a GPU and fp32 on a CPU (CPU bf16 autocast is
-    slower than fp32); None = fp32, no autocast."""
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if mode == "bf16" else None
-
-
 @dataclass
 class StepConfig:
     """How a client trains locally (from ``RunConfig.optim`` and ``federation``)."""
@@ -90,7 +84,7 @@ class StepConfig:
     local_epochs: float
     max_local_steps: int | None
     keep_opt_state: bool
-    amp_dtype: torch.dtype | None  # None = fp32
+    amp_dtype: torch.dtype | None  # None = fp32 (fedrun.precision chooses it)
     seed: int
     compile: bool = False
 
@@ -103,7 +97,7 @@ class StepConfig:
             local_epochs=fed.local_epochs,
             max_local_steps=fed.max_local_steps,
             keep_opt_state=opt.keep_state,
-            amp_dtype=amp_dtype(opt.amp, device),
+            amp_dtype=amp_choice(opt.amp, device, image_shape(cfg)[1]).dtype,
             seed=fed.seed,
             compile=opt.compile,
         )

@@ -44,12 +44,22 @@ def run_bench(module: str, tmp_path: Path, *args: str) -> dict:
 
 def test_bench_step(tmp_path):
     doc = run_bench("bench_step", tmp_path, "--archs", "paper-unet", "--ema", "0.999")
-    modes = {(r["arch"], r["mode"]) for r in doc["results"]}
-    assert modes == {("paper-unet", m) for m in ("eager-fp32", "optimised", "optimised+ema")}
+    chosen = doc["config"]["amp"]["paper-unet"]  # fedrun.precision's pick on this CPU
+    other = "fp32" if chosen == "bf16" else "bf16"
+    modes = {(r["arch"], r["mode"], r["precision"]) for r in doc["results"]}
+    assert modes == {
+        ("paper-unet", "eager-fp32", "fp32"),
+        ("paper-unet", "optimised", chosen),
+        ("paper-unet", "optimised+ema", chosen + "+ema"),
+        ("paper-unet", f"optimised-{other}", other),
+    }
     assert all(r["img_per_s"] > 0 for r in doc["results"])
     assert doc["ratios"]["paper-unet/eager-fp32"] == 1.0
-    (target,) = doc["targets"]  # on CPU: the optimised step is not slower than eager fp32
-    assert "paper-unet" in target["name"] and target["op"] == ">="
+    assert doc["bf16_vs_fp32"]["paper-unet"] > 0  # both precisions measured side by side
+    # On CPU: the optimised step is not slower than eager fp32, and auto's precision not slower than the other.
+    step, amp = doc["targets"]
+    assert "paper-unet" in step["name"] and step["op"] == ">="
+    assert f"picks {chosen}" in amp["name"] and amp["op"] == ">="
 
 
 @pytest.mark.multiproc
