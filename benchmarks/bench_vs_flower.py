@@ -272,11 +272,15 @@ def summarise(r: dict[str, Any]) -> dict[str, float]:
     steady = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # rounds 2..R
     round_s = sum(steady) / len(steady)
     train_s = sum(train[1:]) / len(train[1:])
+    # Client 0's training on both sides: a round also waits for the slower client, which on a loaded machine
+    # is noise; the best round (its least time outside training) shows the framework's own cost.
+    outside = [w - t for w, t in zip(steady, train[1:], strict=True)]
     return {
         "total_s": r["wall_s"],
         "round_s": round_s,
         "train_round_s": train_s,
         "outside_round_s": round_s - train_s,
+        "outside_best_round_s": min(outside),
         "outside_total_s": r["wall_s"] - sum(train),
         "bytes_per_round": sum(r["bytes"]) / len(r["bytes"]),
         "peak_rss_mib": r["peak_rss"] / 2**20,
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_s": "total wall time, launch to exit (s)",
         "round_s": "wall time per round, rounds 2..R (s)",
         "train_round_s": "local training per round, client 0 (s)",
-        "outside_round_s": "outside local training per round (s)",
+        "outside_round_s": "outside local training per round, mean (s)",
+        "outside_best_round_s": "outside local training, best round (s)",
         "outside_total_s": "outside local training, whole job (s)",
         "bytes_per_round": "model bytes per round, all clients",
         "peak_rss_mib": "peak RSS of the job's processes (MiB)",
@@ -338,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check(
             "fedrun / Flower: outside local training per round",
             f["outside_round_s"] / w["outside_round_s"],
+            "<=",
+            OUTSIDE_TARGET,
+        ),
+        check(
+            "fedrun / Flower: outside local training, best round",
+            f["outside_best_round_s"] / w["outside_best_round_s"],
             "<=",
             OUTSIDE_TARGET,
         ),
