@@ -6,8 +6,9 @@ fp32 everywhere else:
 - on a GPU: bf16 (tensor cores);
 - on a CPU with AMX (``amx_bf16`` in /proc/cpuinfo: Intel Xeon since Sapphire Rapids) and images of at least
   ``MIN_CPU_BF16_IMAGE`` pixels a side: bf16. On such a Xeon (2 cores) bf16 autocast ran the paper UNet's step
-  (28x28) 1.25-1.6x faster than fp32, from batch 8 to 64 (BENCHMARKS.md, ``bench_step``);
-- on that CPU with smaller images: fp32. At 16x16 the step is too small for AMX to pay for the casts: 0.94-1.07x;
+  (28x28) 1.25-1.6x faster than fp32 from batch 8 to 64, 1.06x at batch 2, 1.3x at 24x24 and 32x32 (BENCHMARKS.md);
+- on that CPU with smaller images: fp32. At 16x16 and 20x20 bf16 was slower as often as faster (0.73-1.41x): the
+  step is too small for AMX to pay for the casts every time;
 - on a CPU with ``avx512_bf16`` but no AMX (AMD EPYC Zen 4): fp32. Without AMX's tile units the bf16 dot
   products run on the same vector units as fp32, and the developers measured no gain on such an EPYC;
 - on any other CPU: fp32 (no native bf16: autocast would emulate it, slower).
@@ -74,7 +75,7 @@ def choose_amp(mode: str, device_type: str, cpu_flags: Iterable[str] = (), image
             return AmpChoice(
                 mode, "fp32", f"this CPU has AMX, but at {image_size}x{image_size} bf16 was not faster than fp32"
             )
-        return AmpChoice(mode, "bf16", "this CPU has AMX (amx_bf16), where bf16 was measured 1.25-1.6x faster")
+        return AmpChoice(mode, "bf16", "this CPU has AMX (amx_bf16), where bf16 was measured 1.06-1.6x faster")
     if AVX512_BF16_FLAG in flags:
         return AmpChoice(mode, "fp32", "this CPU has avx512_bf16 but no AMX, where bf16 was not faster")
     return AmpChoice(mode, "fp32", "this CPU has no native bf16")
