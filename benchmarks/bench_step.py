@@ -3,8 +3,10 @@
 Modes, measured side by side in one run (the modes take turns, see ``common.time_interleaved``):
 
   eager-fp32   the paper's code style: fp32, NCHW, plain ``torch.optim.Adam``, ``loss.item()`` every step
-  optimised    ``fedrun.client.LocalTrainer`` as ``fedrun.train`` sets it up: bf16 autocast and channels_last
-               on GPU (``--amp``), fused Adam on GPU, no host sync inside the loop
+  optimised    ``fedrun.client.LocalTrainer`` as ``fedrun.train`` sets it up: the precision ``optim.amp=auto``
+               picks here (``fedrun.precision``: bf16 autocast on a GPU and on an AMX CPU, else fp32; ``--amp``
+               sets another), channels_last, fused Adam on GPU, no host sync inside the loop
+  optimised-P  the same step in the other precision P (fp32 or bf16), so that the two are side by side
   +compile     the same with ``torch.compile(model)`` (``--compile``)
   +ema         the same with a per-client EMA updated every step (``--ema DECAY``; the ddpm-cifar10 preset)
 
@@ -40,7 +42,8 @@ from benchmarks.common import (
     report,
     time_interleaved,
 )
-from fedrun.client import ClientState, LocalTrainer, StepConfig, amp_dtype
+from fedrun.client import ClientState, LocalTrainer, StepConfig
+from fedrun.precision import amp_choice
 from unet import EMA, GaussianDiffusion, create_model
 
 # arch -> (image size, channels, images per client: the dataset split over 2 clients)
@@ -157,9 +160,8 @@ def optimised(
     ema_decay: float | None = None,
 ) -> Callable[[], None]:
     """The project's step: LocalTrainer, set up as fedrun.train does; one round = ``iters`` steps."""
-    model = build(arch, device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device, as fedrun.setup builds the working model.
+    model = build(arch, device).to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_model else model
     cfg = StepConfig(
         lr=1e-4, batch_size=batch, local_epochs=1e9, max_local_steps=warmup, keep_opt_state=False, amp_dtype=amp, seed=0
@@ -205,8 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--amp",
         default="auto",
         choices=("auto", "fp32", "bf16"),
-        help="autocast of the optimised step: auto = bf16 on GPU, fp32 on CPU (as optim.amp)",
+        help="precision of the optimised step, as optim.amp (auto: fedrun.precision's rule); the other "
+        "precision is measured beside it (optimised-fp32 or optimised-bf16) unless --no-other-amp",
     )
+    p.add_argument("--no-other-amp", action="store_true", help="skip the optimised step in the other precision")
     p.add_argument("--compile", action="store_true", help="add the optimised step with torch.compile")
     p.add_argument("--ema", type=float, metavar="DECAY", help="add the optimised step with a per-step EMA")
     p.add_argument(
@@ -223,8 +227,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # 2-core box) torch's spinning OpenMP threads make multi-thread timings erratic (here 5x slower).
         torch.set_num_threads(1)
     counts = args.threads or [torch.get_num_threads()]
-    amp = amp_dtype(args.amp, device)  # the rule of optim.amp: auto = bf16 on GPU, fp32 on CPU
-    amp_name = "bf16" if amp is not None else "fp32"
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -237,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     diffusion = GaussianDiffusion(loss="huber")
 
     rows, results = [], []
+    precisions: dict[str, dict[str, str]] = {}
     thread_rows: list[list[Any]] = []
     thread_results: list[dict[str, Any]] = []
     for arch in archs:
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_images = max(4 * batch, 64) if args.quick else n_images
         gen = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (n_images, channels, size, size), dtype=torch.uint8, generator=gen).to(device)
+        choice = amp_choice(args.amp, device, size)  # what fedrun train would run for this model here
+        amp, amp_name = choice.dtype, choice.precision
+        other = "fp32" if amp_name == "bf16" else "bf16"
+        precisions[arch] = {"choice": amp_name, "other": other, "why": choice.describe()}
         runners = {
             "eager-fp32": eager_fp32(arch, images, batch, warmup, iters, diffusion, device),
             "optimised": optimised(arch, images, batch, warmup, iters, diffusion, device, amp),
@@ -257,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.ema:
             runners["optimised+ema"] = optimised(
                 arch, images, batch, warmup, iters, diffusion, device, amp, ema_decay=args.ema
+            )
+        if not args.no_other_amp:  # both precisions side by side: is auto's pick the faster one here?
+            runners[f"optimised-{other}"] = optimised(
+                arch, images, batch, warmup, iters, diffusion, device, torch.bfloat16 if other == "bf16" else None
             )
         runners = {name: at_threads(fn, counts[0]) for name, fn in runners.items()}
         for n in counts[1:]:  # the optimised step at the other counts, taking turns with the rest
@@ -278,7 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = batch * iters / median(seconds["eager-fp32"])
         for mode, secs in seconds.items():
             ips = batch * iters / median(secs)
-            label = "fp32" if mode == "eager-fp32" else amp_name + mode.removeprefix("optimised")
+            label = (
+                "fp32"
+                if mode == "eager-fp32"
+                else other
+                if mode == f"optimised-{other}"
+                else amp_name + mode.removeprefix("optimised")
+            )
             results.append(
                 {
                     "arch": arch,
@@ -310,6 +327,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     1 - tol,
                 )
             )
+    amp_rows = []
+    for arch, pr in precisions.items():
+        if (arch, f"optimised-{pr['other']}") not in ips:
+            continue
+        by = {pr["choice"]: ips[(arch, "optimised")], pr["other"]: ips[(arch, f"optimised-{pr['other']}")]}
+        amp_rows.append([arch, pr["choice"], by["fp32"], by["bf16"], by["bf16"] / by["fp32"]])
+        if args.amp == "auto" and arch != "diffusers":
+            targets.append(
+                check(
+                    f"{device.type} {arch}: optim.amp=auto picks {pr['choice']}; its img/s / {pr['other']}'s "
+                    f"(not slower, {tol:.0%} noise allowance)",
+                    by[pr["choice"]] / by[pr["other"]],
+                    ">=",
+                    1 - tol,
+                )
+            )
     vs_diffusers = []
     if "diffusers" in archs and "ddpm-unet" in archs:
         for mode in sorted({m for a, m in ips if a == "ddpm-unet"}):
@@ -333,6 +366,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows,
         )
     ]
+    if amp_rows:
+        tables.append(
+            (
+                "Precision: the optimised step in fp32 and in bf16 autocast, side by side (median; "
+                "'auto picks' = fedrun.precision's rule on this machine)",
+                ["model", "auto picks", "fp32 img/s", "bf16 img/s", "bf16 / fp32"],
+                amp_rows,
+            )
+        )
     if len(counts) > 1:
         base_ips = {r[0]: r[2] for r in thread_rows if r[1] == counts[0]}
         tables.append(
@@ -365,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = {
         "config": {
             "device": str(device),
-            "amp": amp_name,
+            "amp": {arch: pr["choice"] for arch, pr in precisions.items()},
+            "amp_why": {arch: pr["why"] for arch, pr in precisions.items()},
             "compile": args.compile,
             "ema": args.ema,
             "repeats": repeats,
@@ -377,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": thread_results,
         "ratios": {f"{r['arch']}/{r['mode']}": r["ratio_vs_eager"] for r in results},
         "vs_diffusers": {row[0]: row[3] for row in vs_diffusers},
+        "bf16_vs_fp32": {row[0]: row[4] for row in amp_rows},
     }
     return report("bench_step", device_info(device), tables, targets, payload, args.json)
 

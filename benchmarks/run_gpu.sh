@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go (< 8 minutes on one H100): step eager/optimised, sync, then the compiled step.
+# The GPU benchmarks in one go (< 10 minutes on one H100): step eager/optimised, sync, sampling, then the compiled
+# step. bench_vs_flower is a CPU job (2 clients, 1 thread each) and is not run here.
 # JSON and a log go to $OUT (default runs/bench, git-ignored). Run from anywhere:  bash benchmarks/run_gpu.sh
 # diffusers is compared when installed (pip install -e '.[bench]'); sync uses NCCL with >= 2 GPUs, else
 # 2 gloo ranks on CPU plus the Averager's on-GPU pack/unpack cost.
@@ -21,6 +22,7 @@ run() {  # run SECONDS NAME ARGS...: one benchmark under a time limit; a failure
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/run_gpu.log"
 run 150 step_gpu benchmarks.bench_step --device cuda
 run 60 sync_gpu benchmarks.bench_sync --device cuda
+run 120 sample_gpu benchmarks.bench_sample --device cuda  # eager and bf16 autocast; no CUDA graphs mode yet
 run 240 step_gpu_compile benchmarks.bench_step --device cuda --compile --archs ddpm-unet,diffusers \
   --warmup 5 --iters 20
 exit $status

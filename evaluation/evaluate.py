@@ -42,6 +42,7 @@ from evaluation.protocol import (
 from evaluation.records import ModelFiles, Outcome, Plan, write_samples_record, write_scores
 from evaluation.reference import stats_cache_dir
 from evaluation.sample import (
+    for_sampling,
     load_weights,
     run_model_files,
     sample_images,
@@ -180,7 +181,7 @@ def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) ->
         return load_images_npz(path) if dist.rank() == 0 else None
     channels, size = image_shape(plan.cfg)
     p = plan.protocol
-    model = load_weights(build_model(plan.cfg), path).to(device)
+    model = for_sampling(load_weights(build_model(plan.cfg), path).to(device))
     return sample_images(
         model,
         build_diffusion(plan.cfg),

@@ -27,7 +27,7 @@ SITE_FIELDS: dict[str, str] = {
     "out_dir": "where this site writes its run directory: sites need not share a filesystem",
     "name": "the run directory's name on this site's disk (as out_dir)",
     "device": "this site's hardware (auto, cpu, cuda)",
-    "optim.amp": "local mixed precision: what this site's device supports ('auto' differs on CPU and GPU)",
+    "optim.amp": "local mixed precision: what this site's device supports ('auto' differs by device and CPU)",
     "optim.compile": "torch.compile of the local step: a speed-up this site's toolchain may lack",
     "threads": "CPU threads per rank: how many cores this site has",
     "dist_timeout_s": "how long this site waits for the others before it gives up",

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fedrun.build import image_shape
 from fedrun.config import PLACEMENTS, RunConfig
+from fedrun.precision import amp_choice
 from unet import EMA, GaussianDiffusion
 
 if TYPE_CHECKING:
@@ -81,14 +83,6 @@ class ClientState:
             self.feedback.load_state_dict(sd.get("feedback"))
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``optim.amp``: 'auto' = bf16 on a GPU and fp32 on a CPU (CPU bf16 autocast is
-    slower than fp32); None = fp32, no autocast."""
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if mode == "bf16" else None
-
-
 @dataclass
 class StepConfig:
     """How a client trains locally (from ``RunConfig.optim`` and ``federation``)."""
@@ -98,7 +92,7 @@ class StepConfig:
     local_epochs: float
     max_local_steps: int | None
     keep_opt_state: bool
-    amp_dtype: torch.dtype | None  # None = fp32
+    amp_dtype: torch.dtype | None  # None = fp32 (fedrun.precision chooses it)
     seed: int
     compile: bool = False
     prox_mu: float = 0.0  # FedProx: > 0 adds (mu/2) ||theta - theta_shared||^2 over the anchored parameters
@@ -112,7 +106,7 @@ class StepConfig:
             local_epochs=fed.local_epochs,
             max_local_steps=fed.max_local_steps,
             keep_opt_state=opt.keep_state,
-            amp_dtype=amp_dtype(opt.amp, device),
+            amp_dtype=amp_choice(opt.amp, device, image_shape(cfg)[1]).dtype,
             seed=fed.seed,
             compile=opt.compile,
             prox_mu=opt.prox_mu,

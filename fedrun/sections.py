@@ -342,7 +342,8 @@ class OptimConfig:
     ema_decay: float | None = None
     """EMA decay of each client's weights, e.g. 0.999; None = no EMA."""
     amp: str = "auto"
-    """Mixed precision of the local step: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    """Mixed precision of the local step: auto (bf16 on a GPU and on a CPU with AMX for images of 28 pixels
+    or more, else fp32: ``fedrun.precision``), fp32 or bf16."""
     compile: bool = False
     """torch.compile the model for the local step."""
     prox_mu: float = 0.0

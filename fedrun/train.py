@@ -11,9 +11,11 @@ from pathlib import Path
 
 from fedrun import dist
 from fedrun.agreement import check_run_config
+from fedrun.build import image_shape
 from fedrun.config import ConfigError, RunConfig
 from fedrun.hooks import ScorerFactory
 from fedrun.loop import Run
+from fedrun.precision import amp_choice
 from fedrun.privacy.run import check_before_start
 from fedrun.threads import apply_threads, restore_threads
 
@@ -46,6 +48,8 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
         if run is None:  # finished already: nothing was built
             return Path(cfg.run_dir())
         run.sink.info(threads.describe())
+        # The rule StepConfig.from_config applies (fedrun.precision): a pure function of the config and the CPU.
+        run.sink.info(amp_choice(cfg.optim.amp, ctx.device, image_shape(cfg)[1]).describe())
         with run:  # closes the sink, also on an error
             run.resume()
             last, stop = rounds, None

@@ -9,6 +9,7 @@ import torch
 
 from fedrun.comm import NO_COLLECTIVE, read_comm_log
 from fedrun.config import apply_overrides
+from fedrun.precision import choose_amp, cpu_flags
 from fedrun.presets import get_preset
 from fedrun.rundir import RunDir
 from fedrun.train import train
@@ -45,6 +46,9 @@ def test_single_process_run_says_what_it_did(fmnist_root, tmp_path, capsys, monk
 
     # Threads: chosen on purpose, one line per start on rank 0.
     assert err.count("fedrun: 1 process x 1 thread (") == 2 and "from OMP_NUM_THREADS=1" in err
+    # Precision: fedrun.precision's rule for this CPU and the 28x28 model, said at the start and at the resume.
+    expected = choose_amp("auto", "cpu", cpu_flags(), 28).describe()
+    assert err.count(f"fedrun: {expected}\n") == 2
     # Traffic: a single process has no collective, and says so instead of '0 bytes'.
     rounds = [line for line in err.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2 and all(line.endswith(f"| {NO_COLLECTIVE}") for line in rounds)

@@ -182,3 +182,20 @@ def test_two_ranks_give_the_single_process_samples(tmp_path):
         assert torch.equal(torch.tensor(res["x"], dtype=torch.uint8), single)
     # 4 batches of 2 (the last has 1): rank 0 samples batches 0 and 2, rank 1 batches 1 and 3.
     assert [res["calls"] for res in results] == [2 * 3, 2 * 3]
+
+
+def test_channels_last_for_sampling_changes_the_samples_only_by_rounding():
+    from fedrun.build import build_model
+    from fedrun.presets import get_preset
+
+    cfg, d = get_preset("tiny"), _diffusion(T=10)
+    plain = build_model(cfg)
+    cl = build_model(cfg)
+    cl.load_state_dict(plain.state_dict())  # the same weights
+    assert S.for_sampling(cl) is cl
+    assert cl.downs[0].downsample.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.downs[0].downsample.weight.is_contiguous(memory_format=torch.channels_last)
+    a = S.sample_images(plain, d, 2, (1, 28, 28), batch_size=2, seed=5, progress=False)
+    b = S.sample_images(cl, d, 2, (1, 28, 28), batch_size=2, seed=5, progress=False)
+    assert (a.int() - b.int()).abs().max() <= 1  # uint8 levels: the same chain, sums in another order
+    assert a.float().std() > 0
