@@ -60,6 +60,9 @@ NOT_SETTINGS = frozenset(
         "fid_every",
         "fid_samples",
         "fid_ref",
+        "fid_ref_num",
+        "eval_samples",
+        "threads",
     }
 )
 """Config fields that do not change what a run trains (where it runs, what it logs): never keep runs apart."""

@@ -41,6 +41,8 @@ RESUMABLE_CHANGES = frozenset(
         "fid_every",
         "fid_samples",
         "fid_ref",
+        "fid_ref_num",
+        "eval_samples",
         "device",
         "dist_timeout_s",
         "preset",
