@@ -24,6 +24,7 @@ from evaluation.protocol import (
     WEIGHTS_FILENAME,
     known_datasets,
 )
+from fedrun.config import RunConfig
 from fedrun.output import ConsoleSink
 from fedrun.rundir import RunDir
 
@@ -234,8 +235,8 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def score_finished_run(cfg: Any, run_dir: Path) -> None:
-    """``cfg.eval_samples`` (a ``RunConfig``) after training: score the final models into fid.json
+def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
+    """``cfg.eval_samples`` after training: score the final models into fid.json
     (``evaluation.evaluate.evaluate_at_end``) with the run's thread count, print the scores. Skipped when
     fid.json is newer than DONE (a finished run started again)."""
     from evaluation.evaluate import evaluate_at_end
@@ -246,7 +247,10 @@ def score_finished_run(cfg: Any, run_dir: Path) -> None:
         print(f"fedrun: {run.fid_json} is newer than the run's DONE: not scored again", flush=True)
         return
     n, sink = cfg.eval_samples, ConsoleSink()
-    sink.info(f"scoring {n} samples of each final model against {cfg.fid_ref or 'the test split'} (eval_samples)")
+    ref = (cfg.fid_ref or f"{cfg.data.dataset}:test") + (
+        f" (first {cfg.fid_ref_num} images)" if cfg.fid_ref_num else ""
+    )
+    sink.info(f"scoring {n} samples of each final model against {ref} (eval_samples)")
     threads = apply_threads(cfg.threads)
     try:
         out = evaluate_at_end(cfg, run.root)
