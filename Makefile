@@ -6,13 +6,21 @@ DATA ?= $(or $(FEDRUN_DATA),$(wildcard ../shared/data),$(HOME)/.cache/fedrun/dat
 TORCH_HOME ?= $(or $(wildcard ../shared/torch_home),$(HOME)/.cache/torch)
 export TORCH_HOME
 
-.PHONY: install quickstart test lint test-assets
+.PHONY: install quickstart cpu-table test lint test-assets
 
 install:
 	$(PY) -m pip install -q -e '.[dev]'
 
+# One process hosting both clients (no torchrun needed on one machine); it ends by scoring its own samples.
 quickstart: install
 	$(PY) -m fedrun train --preset quickstart --data-root "$(DATA)" --download --out-dir runs --name quickstart
+	@echo "make quickstart: the grid is runs/quickstart/samples/final.png, FID and KID are in runs/quickstart/fid.json"
+
+# The paper's Table 1 at CPU scale (BENCHMARKS.md): 34 runs one after the other, then the table.
+cpu-table: install
+	$(PY) -m fedrun sweep --preset cpu-table --grid sweeps/cpu-table.yaml --data-root "$(DATA)" --download \
+	  --out-dir runs --name cpu-table --local
+	$(PY) -m fedrun report runs/cpu-table
 
 # Lint steps of `make test` (one place for them).
 lint: install

@@ -24,6 +24,7 @@ from evaluation.protocol import (
     WEIGHTS_FILENAME,
     known_datasets,
 )
+from fedrun.config import RunConfig
 from fedrun.output import ConsoleSink
 from fedrun.rundir import RunDir
 
@@ -228,11 +229,35 @@ def run_eval(args: argparse.Namespace) -> int:
     finally:
         dist.cleanup()
     if ctx.is_main:
-        _print_eval(run, out, args.stage)
+        print_eval(run, out, args.stage)
     return 0
 
 
-def _print_eval(run: RunDir, out: dict[str, Any], stage: str) -> None:
+def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
+    """``cfg.eval_samples`` after training: score the final models into fid.json
+    (``evaluation.evaluate.evaluate_at_end``) with the run's thread count, print the scores. Skipped when
+    fid.json is newer than DONE (a finished run started again)."""
+    from evaluation.evaluate import evaluate_at_end
+    from fedrun.threads import apply_threads, restore_threads
+
+    run = RunDir(run_dir)
+    if run.fid_json.is_file() and run.done.is_file() and run.fid_json.stat().st_mtime >= run.done.stat().st_mtime:
+        print(f"fedrun: {run.fid_json} is newer than the run's DONE: not scored again", flush=True)
+        return
+    n, sink = cfg.eval_samples, ConsoleSink()
+    ref = (cfg.fid_ref or f"{cfg.data.dataset}:test") + (
+        f" (first {cfg.fid_ref_num} images)" if cfg.fid_ref_num else ""
+    )
+    sink.info(f"scoring {n} samples of each final model against {ref} (eval_samples)")
+    threads = apply_threads(cfg.threads)
+    try:
+        out = evaluate_at_end(cfg, run.root)
+    finally:
+        restore_threads(threads)
+    print_eval(run, out, "all")
+
+
+def print_eval(run: RunDir, out: dict[str, Any], stage: str) -> None:
     """The scores on stdout; where they went, and what to do next, on stderr."""
     sink = ConsoleSink()
     if stage == "sample":

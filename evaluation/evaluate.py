@@ -294,3 +294,21 @@ def evaluate_run(
     if dist.rank() == 0:
         out = write_scores(p, outcome, ref, write) if p.score else write_samples_record(p, outcome)
     return dist.broadcast_json(out, dict[str, Any], what="evaluation results")
+
+
+def evaluate_at_end(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """``cfg.eval_samples`` samples of every final model of ``run_dir`` scored as ``fedrun eval`` does (fid.json):
+    the grids' sampler (DDIM with ``cfg.sample_steps`` else ancestral DDPM, x0 clipped with ``cfg.sample_clip``),
+    the EMA weights when the run keeps them (those of its grids), else the raw ones; against ``cfg.fid_ref``
+    (default: the dataset's test split at the model's size), its first ``cfg.fid_ref_num`` images when set."""
+    return evaluate_run(
+        run_dir,
+        num_samples=cfg.eval_samples,
+        ref=cfg.fid_ref,
+        sampler=("ddim" if cfg.sample_steps else "ddpm") + ("-clip" if cfg.sample_clip else ""),
+        steps=cfg.sample_steps,
+        weights="ema" if cfg.optim.ema_decay else "raw",
+        device=cfg.device,
+        ref_num=cfg.fid_ref_num,
+        progress=False,
+    )

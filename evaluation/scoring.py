@@ -108,7 +108,7 @@ def reference_of_run(
 def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
     """A ``fedrun.hooks.Scorer`` for FID during training: ``cfg.fid_samples`` samples (DDIM with
     ``cfg.sample_steps`` steps, else ancestral DDPM; x0 clipped with ``cfg.sample_clip``, as the grids) against
-    ``cfg.fid_ref`` (default: the dataset's test split).
+    ``cfg.fid_ref`` (default: the dataset's test split; its first ``cfg.fid_ref_num`` images when set).
 
     The reference statistics are loaded once, here; computed ones are cached under ``cache_dir/fid_stats``
     (``cache_dir``: fedrun's cache directory, e.g. ``evaluation.reference.default_cache_dir()``).
@@ -116,7 +116,12 @@ def fid_scorer(cfg: RunConfig, device: torch.device, cache_dir: Path) -> Scorer:
     ref = cfg.fid_ref or default_reference(cfg)  # default_reference checks the dataset has a test split
     channels, size = image_shape(cfg)
     stats = reference_of_run(
-        cfg, ref, device=device, cache_dirs=[stats_cache_dir(cache_dir)], sink=rank_sink(dist.rank() == 0)
+        cfg,
+        ref,
+        device=device,
+        cache_dirs=[stats_cache_dir(cache_dir)],
+        sink=rank_sink(dist.rank() == 0),
+        limit=cfg.fid_ref_num,
     )
 
     def score(model: nn.Module, diffusion: GaussianDiffusion, seed: int) -> float:

@@ -26,11 +26,16 @@ from fedrun.presets import PRESETS
 
 def train_entry(cfg: RunConfig) -> Path:
     """One federated run, as every rank runs it (torchrun or a Slurm task): ``fedrun.train.train``, with FID
-    during training when ``cfg.fid_every`` asks for it. Module-level, so that submitit pickles it by name."""
+    during training when ``cfg.fid_every`` asks for it, then FID and KID of the final models in fid.json when
+    ``cfg.eval_samples`` does. Module-level, so that submitit pickles it by name."""
     from evaluation.scoring import fid_scorer  # torch and Inception: only when a run starts
     from fedrun.train import train
 
-    return train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
+    run_dir = train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
+    # train() has left the process group: rank 0 scores alone (the others' models are in the run directory).
+    if cfg.eval_samples and os.environ.get("RANK", "0") == "0":
+        evaluation.commands.score_finished_run(cfg, run_dir)
+    return run_dir
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -88,6 +88,9 @@ NOT_TRAINED_FIELDS = frozenset(
         "fid_every",
         "fid_samples",
         "fid_ref",
+        "fid_ref_num",
+        "eval_samples",
+        "threads",
     }
 )
 """Fields (dotted, as ``--set`` takes them) that do not change what a run trains: where it runs, what it logs.
@@ -123,8 +126,16 @@ class RunConfig:
     fid_samples: int = 1000
     """Samples per model for FID during training (the paper: 1,000)."""
     fid_ref: str | None = None
-    """Reference for FID during training: 'fashion-mnist:test', a stats .npz or an image folder;
-    None = the test split of data.dataset."""
+    """Reference for FID during training and ``eval_samples``: 'fashion-mnist:test', a stats .npz or an image
+    folder; None = the test split of data.dataset (a split is resized to data.image_size, as the model saw it)."""
+    fid_ref_num: int | None = None
+    """Only the first N images of fid_ref (not of a statistics file): a quicker reference, computed once and
+    cached apart, as `fedrun eval --ref-num N`; None = all."""
+    eval_samples: int = 0
+    """After the last round, sample this many images of every final model and score FID and KID against
+    fid_ref as `fedrun eval` does, writing fid.json (the grids' sampler: DDIM with sample_steps, x0 clipped with
+    sample_clip; the EMA weights when kept, else the raw ones); 0 = no (run `fedrun eval` afterwards). Runs on
+    rank 0 alone after the ranks have finished: the run directory must hold every client's model."""
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when available, else cpu), cpu or cuda."""
     threads: int = 0
@@ -149,6 +160,13 @@ class RunConfig:
         )
         check(self.fid_every >= 0, "fid_every", self.fid_every, "allowed: >= 0")
         check(self.fid_samples >= 2, "fid_samples", self.fid_samples, "allowed: an integer >= 2")
+        check(
+            self.fid_ref_num is None or self.fid_ref_num >= 2,
+            "fid_ref_num",
+            self.fid_ref_num,
+            "allowed: an integer >= 2 or none",
+        )
+        check(self.eval_samples == 0 or self.eval_samples >= 2, "eval_samples", self.eval_samples, "allowed: 0 or >= 2")
         choice("device", self.device.split(":")[0], DEVICES)
         check(self.threads >= 0, "threads", self.threads, "allowed: 0 (auto) or a positive integer")
         check(self.dist_timeout_s >= 1, "dist_timeout_s", self.dist_timeout_s, "allowed: >= 1")

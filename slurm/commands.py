@@ -127,12 +127,11 @@ def run_submit(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from slurm.submit import SubmitError
-    from slurm.sweep import format_plan, load_grid, parse_grid_sets
+    from slurm.sweep import format_plan, load_grid, parse_grid_sets, with_axes
     from slurm.sweep import run_sweep as _run_sweep
 
     try:
-        grid = load_grid(args.grid) if args.grid else {}
-        grid.update(parse_grid_sets(args.grid_set))
+        grid = with_axes(load_grid(args.grid) if args.grid else {}, parse_grid_sets(args.grid_set))
         res = _run_sweep(
             config_from_args(args),
             grid,
@@ -140,10 +139,15 @@ def run_sweep(args: argparse.Namespace) -> int:
             args.train_fn,
             sweep_dir=args.sweep_dir,
             dry_run=args.dry_run,
+            local=args.local,
         )
     except SubmitError as e:
         return _error(e)
     print(format_plan(res))
+    if args.local and not args.dry_run:
+        failed = sum(p.status == "failed" for p in res.points)
+        print(f"  manifest: {res.manifest}" + (f"; {failed} run(s) failed" if failed else ""), flush=True)
+        return 1 if failed else 0
     if args.dry_run:
         todo = sum(p.status == "todo" for p in res.points)
         print(f"\ndry run: would submit {todo} run(s) as one job array; sbatch script:\n")
@@ -200,6 +204,12 @@ def register(sub: argparse._SubParsersAction, train_fn: TrainFn) -> None:
         type=Path,
         default=None,
         help="folder of the sweep's runs and manifest (default OUT_DIR/NAME, or OUT_DIR/sweep-PRESET)",
+    )
+    g.add_argument(
+        "--local",
+        action="store_true",
+        help="no Slurm: run the unfinished points here, one after the other, each as one process "
+        "hosting all its clients (started again, it skips finished runs and resumes the others)",
     )
     g.add_argument(
         "--array-parallelism",

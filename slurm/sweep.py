@@ -1,6 +1,7 @@
-"""A grid over config fields, submitted as ONE Slurm job array, with a manifest.
+"""A grid over config fields, submitted as ONE Slurm job array (or run one after the other here), with a manifest.
 
-    grid (field -> values)  ->  points (the product, in the grid's key order)
+    grid (field -> values, or a list of such: their products one after the other)
+                            ->  points (the product, in the grid's key order)
                             ->  run directories SWEEP_DIR/<name from the overrides>
                             ->  the unfinished ones as one array (element k = k-th unfinished point)
                             ->  SWEEP_DIR/manifest.json: grid index <-> overrides <-> run dir <-> job id
@@ -28,6 +29,7 @@ import yaml
 
 from fedrun.config import ConfigError, RunConfig, apply_overrides, field_names, unknown_field_message
 from fedrun.rundir import RunDir
+from slurm.local import run_locally
 from slurm.submit import (
     FederatedRun,
     SlurmOptions,
@@ -50,6 +52,9 @@ class GridError(ConfigError):
 
 
 Grid = dict[str, list[Any]]
+Grids = Grid | list[Grid]
+"""One grid, or several whose products follow each other: axes that go together (K and the local steps that
+keep a total budget) or a point that needs no product (the centralised baseline)."""
 
 
 # -- grid: parse, validate, expand ----------------------------------------------------------------
@@ -93,8 +98,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Grid:
     return out
 
 
-def load_grid(path: Path) -> Grid:
-    """A YAML mapping field -> list of values (nested mappings allowed: `federation: {seed: [1, 2]}`)."""
+def load_grid(path: Path) -> Grids:
+    """A YAML mapping field -> list of values (nested mappings allowed: `federation: {seed: [1, 2]}`), or a list
+    of such mappings, whose products follow each other."""
     path = Path(path)
     if not path.is_file():
         raise GridError(f"invalid --grid {str(path)!r}: file not found")
@@ -102,9 +108,20 @@ def load_grid(path: Path) -> Grid:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise GridError(f"invalid --grid {str(path)!r}: not YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not data:
-        raise GridError(f"invalid --grid {str(path)!r}: expected a mapping of config field -> list of values")
-    return _flatten(data)
+    parts = data if isinstance(data, list) else [data]
+    if not parts or not all(isinstance(d, dict) and d for d in parts):
+        raise GridError(
+            f"invalid --grid {str(path)!r}: expected a mapping of config field -> list of values, or a list of them"
+        )
+    grids = [_flatten(d) for d in parts]
+    return grids if isinstance(data, list) else grids[0]
+
+
+def with_axes(grids: Grids, axes: Grid) -> Grids:
+    """``grids`` with ``axes`` (from --grid-set) set in every one of them."""
+    if isinstance(grids, list):
+        return [{**g, **axes} for g in grids]
+    return {**grids, **axes}
 
 
 def validate_grid(grid: Grid) -> None:
@@ -122,8 +139,13 @@ def validate_grid(grid: Grid) -> None:
             raise GridError(f"sweep grid: {key!r} needs a non-empty list of values")
 
 
-def expand_grid(grid: Grid) -> list[dict[str, Any]]:
-    """The Cartesian product, last key varying fastest: [{field: value, ...}, ...]."""
+def expand_grid(grid: Grids) -> list[dict[str, Any]]:
+    """The Cartesian product, last key varying fastest: [{field: value, ...}, ...]; a list of grids: their
+    products one after the other."""
+    if isinstance(grid, list):
+        if not grid:
+            raise GridError("empty grid: give --grid FILE.yaml and/or --grid-set FIELD=V1,V2")
+        return [point for g in grid for point in expand_grid(g)]
     validate_grid(grid)
     keys = list(grid)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
@@ -189,7 +211,7 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
 
 def plan_sweep(
     base: RunConfig,
-    grid: Grid,
+    grid: Grids,
     sweep_dir: Path,
     opts: SlurmOptions,
     active: Callable[[list[str]], set[str]] | None = None,
@@ -248,7 +270,7 @@ def squeue_active(job_ids: list[str]) -> set[str]:
 
 def manifest_dict(
     sweep_dir: Path,
-    grid: Grid,
+    grid: Grids,
     base: RunConfig,
     points: list[SweepPoint],
     array_job_id: str | None,
@@ -300,18 +322,25 @@ class SweepResult:
 
 def run_sweep(
     base: RunConfig,
-    grid: Grid,
+    grid: Grids,
     opts: SlurmOptions,
     train_fn: TrainFn,
     sweep_dir: Path | None = None,
     dry_run: bool = False,
     active: Callable[[list[str]], set[str]] | None = squeue_active,
+    local: bool = False,
 ) -> SweepResult:
     """Plan the grid; unless dry_run, submit the unfinished points as one job array of ``train_fn(cfg)``
-    and write the manifest."""
+    (``local``: run them here, one after the other, see ``run_locally``) and write the manifest."""
     sweep_dir = Path(sweep_dir or default_sweep_dir(base)).expanduser().resolve()
     points = plan_sweep(base, grid, sweep_dir, opts, active=active)
     todo = [p for p in points if p.status == "todo"]
+    if local and not dry_run:
+        result = SweepResult(sweep_dir, points)
+        result.manifest = run_locally(
+            todo, train_fn, lambda: write_manifest(sweep_dir, manifest_dict(sweep_dir, grid, base, points, None, {}))
+        )
+        return result
     clients = [p.config.federation.clients for p in todo] or [base.federation.clients]
     tpn = resolve_tasks_per_node(opts, clients)
     name = f"fedrun-{sweep_dir.name}"

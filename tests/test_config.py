@@ -40,6 +40,8 @@ def test_paper_preset_is_the_papers_setup():
         ("data.beta", "0", "data.beta=0.0"),
         ("federation.clients", "two", "expected int"),
         ("optim.ema_decay", "1.5", "optim.ema_decay"),
+        ("eval_samples", "1", "allowed: 0 or >= 2"),
+        ("fid_ref_num", "1", "fid_ref_num=1"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_field(field, value, needle):
