@@ -234,11 +234,12 @@ def test_explicit_weights_path_loads_without_torch_home(tmp_path, torch_home, mo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~3 min alone; far more on a shared, loaded CPU
+@pytest.mark.timeout(1800)  # ~3 min alone (both pipelines); far more on a shared, loaded CPU
 @pytest.mark.filterwarnings("ignore:The `disp` argument:DeprecationWarning")
-def test_fid_200_train_vs_200_test_equals_pytorch_fid(tmp_path, fmnist_root, torch_home, monkeypatch):
-    """The project's in-memory FID of 200 Fashion-MNIST train vs 200 test images equals pytorch-fid's own
-    pipeline (PNG files -> calculate_fid_given_paths) on the same images, to 1e-3 relative."""
+def test_fid_200_train_vs_200_test_equals_pytorch_fid(tmp_path, fmnist_root, torch_home, real_200, monkeypatch):
+    """The project's FID of 200 Fashion-MNIST train vs 200 test images (``real_200``: read as ``fedrun fid``
+    reads ``fashion-mnist:train``) equals pytorch-fid's own pipeline (PNG files -> calculate_fid_given_paths)
+    on the same images, to 1e-3 relative."""
     from pytorch_fid.fid_score import calculate_fid_given_paths
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
@@ -248,9 +249,9 @@ def test_fid_200_train_vs_200_test_equals_pytorch_fid(tmp_path, fmnist_root, tor
     _write_pngs(tmp_path / "train", train)
     _write_pngs(tmp_path / "test", test)
 
-    stats_train = F.statistics(Inc.inception_features(train))
-    stats_test = F.statistics(Inc.inception_features(test))
-    ours = F.frechet_distance(*stats_train, *stats_test)
+    ref_train, ref_test = real_200
+    assert ref_train.n == ref_test.n == 200
+    ours = F.frechet_distance(*ref_train.stats, *ref_test.stats)
     theirs = float(
         calculate_fid_given_paths(
             [str(tmp_path / "train"), str(tmp_path / "test")], batch_size=50, device="cpu", dims=2048, num_workers=0

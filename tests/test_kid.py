@@ -8,7 +8,6 @@ import pytest
 
 from evaluation import fid as F
 from evaluation import kid as K
-from evaluation import sources as Src
 from evaluation.metrics import score_features
 from fedrun.cli import main as fedrun_main
 
@@ -173,13 +172,11 @@ def _numpy_kid_all(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 400 images through Inception: ~80 s alone on 2 cores, more when shared
-def test_kid_of_200_train_vs_200_test_images_equals_an_independent_numpy_kid(fmnist_root, torch_home, monkeypatch):
+@pytest.mark.timeout(1800)  # 400 images through Inception (``real_200``, shared with the FID parity test)
+def test_kid_of_200_train_vs_200_test_images_equals_an_independent_numpy_kid(real_200):
     """Subsets of min(200, 200, 1000) = 200 are all of both sets, and MMD^2 does not depend on their order, so
     every subset gives the full-set value that the independent implementation computes."""
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    train = Src.source_statistics("fashion-mnist:train", data_root=fmnist_root, limit=200, progress=False)
-    test = Src.source_statistics("fashion-mnist:test", data_root=fmnist_root, limit=200, progress=False)
+    train, test = real_200
     assert train.features.shape == test.features.shape == (200, 2048)
     ours = K.kid(train.features, test.features)
     theirs = _numpy_kid_all(train.features, test.features)
