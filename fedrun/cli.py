@@ -28,9 +28,12 @@ def train_entry(cfg: RunConfig) -> Path:
     """One federated run, as every rank runs it (torchrun or a Slurm task): ``fedrun.train.train``, with FID
     during training when ``cfg.fid_every`` asks for it, then FID and KID of the final models in fid.json when
     ``cfg.eval_samples`` does. Module-level, so that submitit pickles it by name."""
+    from evaluation.inception import find_inception_weights
     from evaluation.scoring import fid_scorer  # torch and Inception: only when a run starts
     from fedrun.train import train
 
+    if cfg.fid_every or (cfg.eval_samples and os.environ.get("RANK", "0") == "0"):
+        find_inception_weights()  # missing weights: one line now, not after the training
     run_dir = train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
     # train() has left the process group: rank 0 scores alone (the others' models are in the run directory).
     if cfg.eval_samples and os.environ.get("RANK", "0") == "0":

@@ -140,8 +140,8 @@ class Run:
         self.sink.start_rounds(fed.rounds, self.start_round, steps)
         if self.start_round == 0:
             self.sink.info(
-                f"{fed.method} | {fed.clients} clients on {self.ctx.world_size} rank(s) | sizes "
-                f"{h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}"
+                f"{fed.method} | {fed.clients} client{'s' * (fed.clients != 1)} on {self.ctx.world_size} rank(s) | "
+                f"sizes {h.sizes} | {h.group_sizes['total']:,} parameters | run dir {self.dir.root}"
             )
             self.sink.config(self.cfg.to_json(), self.cfg.to_flat_dict(), metrics=("round/loss", "fid/train"))
 

@@ -255,6 +255,14 @@ def test_missing_data_leaves_no_run_directory(tmp_path: Path):
     assert sorted(tmp_path.iterdir()) == [], "no run directory skeleton, no data folder"
 
 
+def test_missing_inception_weights_stop_a_scored_run_before_it_trains(tmp_path: Path, fmnist_root: Path):
+    """eval_samples scores the final models: without the weights the run stops at once, not after training."""
+    args = ("train", *TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path / "runs"))
+    p = fedrun(*args, "--set", "eval_samples=4", TORCH_HOME=str(tmp_path / "no-weights"))
+    one_error_line(p, 2, "FID Inception weights not found", str(tmp_path / "no-weights"), "--inception-weights")
+    assert sorted(tmp_path.iterdir()) == [], "nothing trained, no run directory"
+
+
 def test_failed_download_leaves_no_empty_data_folder(tmp_path: Path, monkeypatch):
     """In process: torchvision makes the data set's folders, then its download fails (no internet)."""
     import torchvision.datasets as tvd
