@@ -170,6 +170,8 @@ class FederationConfig:
     """USplit: train 'all' parameters (the paper's code) or only the 'assigned' part."""
     exchange_dtype: str = "fp32"
     """Dtype of what is exchanged: fp32, bf16 (half the bytes) or int8 (a quarter, with error feedback)."""
+    error_feedback: bool = True
+    """int8: add what each quantisation lost to the next update (false: drop it; for comparison only)."""
     seed: int = 2023
     """Seed of initialisation, partition, USplit roles and client sampling (the paper: 2023)."""
     sample_clients: int = 0
@@ -220,6 +222,12 @@ class FederationConfig:
         )
         choice("federation.usplit_train", self.usplit_train, USPLIT_TRAIN)
         choice("federation.exchange_dtype", self.exchange_dtype, EXCHANGE_DTYPES)
+        check(
+            self.error_feedback or self.exchange_dtype == "int8",
+            "federation.error_feedback",
+            self.error_feedback,
+            f"only int8 has error feedback to turn off (federation.exchange_dtype={self.exchange_dtype})",
+        )
         choice("federation.resident", self.resident, PLACEMENTS)
         # The partition draws from numpy's RandomState(seed), which takes 0 .. 2**32 - 1 only.
         check(0 <= self.seed < 2**32, "federation.seed", self.seed, "allowed: an integer from 0 to 2**32 - 1")

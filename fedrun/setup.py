@@ -68,7 +68,13 @@ def setup_clients(cfg: RunConfig, ctx: dist.DistContext, method: Method, sink: S
     )
     # The packed buffer lives on the training device even when the clients wait in host memory (NCCL).
     exchange = Exchange(
-        groups, weights, exchange_dtype=fed.exchange_dtype, privacy=privacy, server=server, device=ctx.device
+        groups,
+        weights,
+        exchange_dtype=fed.exchange_dtype,
+        privacy=privacy,
+        server=server,
+        device=ctx.device,
+        error_feedback=fed.error_feedback,
     )
     if len(hosted) == 1:
         # One client per rank (the usual layout): its parameters live in the exchange's flat tensor, so a

@@ -104,6 +104,7 @@ def test_bad_config_file_is_one_line_naming_file_and_field(tmp_path: Path, text:
             ["server_betas=(0.9, 1.0)", "0 <= beta < 1"],
         ),
         (["--set", "optim.prox_mu=-0.1"], ["optim.prox_mu=-0.1", ">= 0"]),
+        (["--set", "federation.error_feedback=false"], ["federation.error_feedback=False", "only int8"]),
     ],
 )
 def test_bad_flag_is_one_line(args: list[str], needles: list[str]):

@@ -193,6 +193,36 @@ def test_one_process_virtual_clients_equal_the_reference():
             ref.update(new)
 
 
+def test_error_feedback_off_forgets_what_quantisation_lost():
+    """error_feedback=False: every sync quantises as a fresh exchange would (no residual carried over), where
+    feedback on carries it: the same first round (no residual yet), different later ones."""
+    sizes, shapes = [5, 9], _shapes()
+    init = {n: _noise(f"init-{n}", s) for n, s in shapes.items()}
+    runs: dict[bool, list[dict[str, torch.Tensor]]] = {}
+    for ef in (True, False):
+        ex = Exchange(NAMED, sizes, exchange_dtype="int8", error_feedback=ef)
+        live = {k: {n: t.clone() for n, t in init.items()} for k in range(2)}
+        ex.set_reference(live[0])
+        runs[ef] = []
+        for rnd in range(1, 4):
+            plan = plan_round("full", rnd, 2, 0)
+            pre = {k: _trained(live[k], "full", rnd, k) for k in range(2)}
+            ref = {n: ex.reference[n].clone() for n in shapes}
+            for k in live:
+                for n, t in live[k].items():
+                    t.copy_(pre[k][n])
+            ex.sync(plan, live)
+            runs[ef].append({n: live[0][n].clone() for n in shapes})
+            if not ef:  # a fresh exchange from the same reference and clients: the same result
+                fresh = Exchange(NAMED, sizes, exchange_dtype="int8", error_feedback=False)
+                again = {k: {n: t.clone() for n, t in pre[k].items()} for k in range(2)}
+                fresh.set_reference(ref)
+                fresh.sync(plan, again)
+                assert all(torch.equal(again[0][n], live[0][n]) for n in shapes), rnd
+    assert all(torch.equal(runs[True][0][n], runs[False][0][n]) for n in shapes)
+    assert any(not torch.equal(runs[True][r][n], runs[False][r][n]) for r in (1, 2) for n in shapes)
+
+
 def test_sync_once_and_the_feedback_state(tmp_path):
     """The EMA's one-off sync goes in fp32 values and leaves the reference and the error feedback alone; the
     feedback state survives a weights_only checkpoint and is dropped, with a warning, where it does not fit."""

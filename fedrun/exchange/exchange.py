@@ -116,6 +116,7 @@ class Exchange:
         privacy: Privacy | None = None,
         server: FedAvg | None = None,
         device: torch.device | None = None,
+        error_feedback: bool = True,
     ) -> None:
         unknown = set(named_groups) - set(GROUPS)
         if unknown:
@@ -143,8 +144,8 @@ class Exchange:
         self.server = server if server is not None else FedAvg()
         self.optimizer = self.server if isinstance(self.server, ServerOptimizer) else None
         """The server optimiser, None for plain FedAvg."""
-        self.feedback = Int8Feedback() if exchange_dtype == "int8" else None
-        """int8: this rank's error feedback (checkpointed with its lowest hosted client)."""
+        self.feedback = Int8Feedback(error_feedback) if exchange_dtype == "int8" else None
+        """int8: this rank's error feedback (checkpointed with its lowest hosted client; off: always 0)."""
         self._int8: Int8Transport | None = None
         self.reference = Reference(self.named_groups)
         """bf16, int8, privacy or a server optimiser: the last shared value of every shared parameter, identical

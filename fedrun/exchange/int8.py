@@ -43,9 +43,13 @@ _gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tenso
 class Int8Feedback:
     """A rank's error feedback: the residual of its upload (``sender``, all values) and of re-quantising the
     shard it owns (``owner``). Made for one geometry, rank and set of hosted clients; a state saved under
-    others (a resume on another number of ranks) is dropped with a warning, and feedback restarts at 0."""
+    others (a resume on another number of ranks) is dropped with a warning, and feedback restarts at 0.
 
-    def __init__(self) -> None:
+    ``enabled=False`` (``federation.error_feedback=false``, for comparison): every sync starts from residuals
+    of 0, so what a quantisation loses is lost."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.key: list | None = None
         self.sender: Residual | None = None
         self.owner: Residual | None = None
@@ -65,6 +69,9 @@ class Int8Feedback:
                     stacklevel=3,
                 )
             self.key = key
+        if not self.enabled:
+            self.sender.error.zero_()
+            self.owner.error.zero_()
         return self.sender, self.owner
 
     def state_dict(self) -> dict | None:
