@@ -150,6 +150,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.dry_run:
         todo = sum(p.status == "todo" for p in res.points)
+        if args.local:
+            print(f"\ndry run: would run {todo} run(s) here, one after the other (--local: no Slurm)")
+            return 0
         print(f"\ndry run: would submit {todo} run(s) as one job array; sbatch script:\n")
         print(res.preview)
         return 0

@@ -243,6 +243,14 @@ def test_dry_run_prints_grid_and_array_sbatch_without_writing(tmp_path: Path, ca
     assert not (tmp_path / "t1").exists()  # a dry run writes nothing
 
 
+def test_local_dry_run_says_it_would_run_here_without_a_script(tmp_path: Path, capsys):
+    args = ["sweep", "--preset", "tiny", "--out-dir", str(tmp_path), "--grid-set", "federation.seed=1,2,3"]
+    assert main([*args, "--local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 run(s)" in out and "would run 3 run(s) here, one after the other" in out
+    assert "#SBATCH" not in out and not any(tmp_path.iterdir())
+
+
 def test_cli_bad_grid_field_exits_2_with_one_line(tmp_path: Path, capsys):
     rc = main(
         ["sweep", "--preset", "tiny", "--out-dir", str(tmp_path), "--grid-set", "federation.metod=full", "--dry-run"]
