@@ -56,25 +56,29 @@ def paper_round_count(plan: RoundPlan, sizes: Mapping[str, int], first_round: bo
     return plan.num_clients * download + upload
 
 
-def paper_total(method: str, sizes: Mapping[str, int], num_clients: int, rounds: int, seed: int) -> int:
+def paper_total(
+    method: str, sizes: Mapping[str, int], num_clients: int, rounds: int, seed: int, sample_clients: int = 0
+) -> int:
     """The paper's N for a whole run: ``paper_round_count`` over rounds 1..rounds (plans from
     ``plan_round``). FULL = 2PRK, UDec = K(P + U + 2U(R-1)), ULatDec = K(P + (U+M) + 2(U+M)(R-1)),
-    USplit = KPR + the uploaded assigned parts."""
+    USplit = KPR + the uploaded assigned parts. With ``sample_clients`` m of K, only the m sampled clients
+    upload; all K still download (FULL: (K + m)PR)."""
     return sum(
-        paper_round_count(plan_round(method, r, num_clients, seed), sizes, first_round=r == 1)
+        paper_round_count(plan_round(method, r, num_clients, seed, sample_clients), sizes, first_round=r == 1)
         for r in range(1, rounds + 1)
     )
 
 
-def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int) -> tuple[int, int]:
+def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int, sample_clients: int = 0) -> tuple[int, int]:
     """(min, max) of USplit's paper count over all role draws. Every client downloads P every round; each
-    pair uploads E + M + U = P; an odd last client uploads M plus E or U, the only random part."""
+    pair of the m clients that take part (``sample_clients``, 0 = all K) uploads E + M + U = P; an odd last
+    one uploads M plus E or U, the only random part; a lone one uploads P."""
     p = _total(sizes)
-    k = num_clients
-    if k == 1:
-        return (2 * p * rounds,) * 2
-    fixed = k * p + (k // 2) * p
-    if k % 2 == 0:
+    k, m = num_clients, sample_clients or num_clients
+    if m == 1:
+        return ((k + 1) * p * rounds,) * 2
+    fixed = k * p + (m // 2) * p
+    if m % 2 == 0:
         return (fixed * rounds,) * 2
     m, e, u = sizes["bottleneck"], sizes["encoder"], sizes["decoder"]
     return (fixed + m + min(e, u)) * rounds, (fixed + m + max(e, u)) * rounds

@@ -29,14 +29,14 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
     named = dict(model.named_parameters())
     sizes = {g: n for g, n in group_sizes(model).items() if g in GROUPS}
     named_sizes = {g: [named[n].numel() for n in groups[g]] for g in GROUPS}
-    seed = cfg.federation.seed
+    seed, sample = cfg.federation.seed, cfg.federation.sample_clients
     comm: dict = {}
     bytes_per_round: dict = {}
     for m in METHOD_NAMES:
         if get_method(m).split_roles:
-            comm[m] = list(usplit_range(sizes, num_clients, rounds))
+            comm[m] = list(usplit_range(sizes, num_clients, rounds, sample))
         else:
-            comm[m] = paper_total(m, sizes, num_clients, rounds, seed)
+            comm[m] = paper_total(m, sizes, num_clients, rounds, seed, sample)
         plan = plan_round(m, 1, num_clients, seed)
         bytes_per_round[m] = {
             dt: collective_bytes_per_round(plan, named_sizes, dt, world_size=num_clients) for dt in EXCHANGE_DTYPES
@@ -45,6 +45,7 @@ def describe(cfg: RunConfig, num_clients: int, rounds: int) -> dict:
         "model": {"arch": cfg.model.arch, "dataset": cfg.data.dataset},
         "params": {"total": sum(sizes.values()), **sizes},
         "clients": num_clients,
+        "sample_clients": sample,
         "rounds": rounds,
         "comm": comm,
         "bytes_per_round_per_rank": bytes_per_round,
@@ -70,9 +71,19 @@ def format_info(d: dict) -> str:
     for g in GROUPS:
         lines.append(f"  {g:<10} {p[g]:>12,}  {100 * p[g] / p['total']:5.1f} %")
     K, R = d["clients"], d["rounds"]
+    m = d.get("sample_clients", 0)
     lines += [
         f"communication of K={K} clients over R={R} rounds, two figures that are not comparable:",
         *(f"  {line}" for line in TRAFFIC_TERMS),
+        *(
+            [
+                f"  sampling    {m} of the {K} clients take part in a round: N counts their uploads (all {K} "
+                "download); the all-reduce",
+                "              moves the same bytes as without sampling (clients not drawn send zeros)",
+            ]
+            if m and m != K
+            else []
+        ),
         f"  {'method':<8} {'N over the run':<28} {'of full':<16} all-reduce per round and rank, of full fp32",
         f"  {'':<8} {'':<28} {'':<16} " + "".join(f"{dt:<20}" for dt in EXCHANGE_DTYPES).rstrip(),
     ]

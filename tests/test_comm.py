@@ -75,6 +75,21 @@ def test_usplit_k5_range():
     assert usplit_range(SIZES, 1, R) == (2 * P * R, 2 * P * R)
 
 
+def test_sampled_clients_upload_and_every_client_downloads():
+    """m of K sampled: only the m upload (their plans' assignments), all K download."""
+    assert paper_total("full", SIZES, 5, R, 0, sample_clients=2) == (5 + 2) * P * R
+    assert paper_total("full", SIZES, 5, R, 0, sample_clients=5) == paper_total("full", SIZES, 5, R, 0)
+    assert paper_total("udec", SIZES, 5, R, 0, sample_clients=2) == 5 * (P + U * (R - 1)) + 2 * U * R
+    # USplit among the sampled: one pair uploads P; a lone client uploads P too
+    assert usplit_range(SIZES, 5, R, 2) == ((5 + 1) * P * R,) * 2
+    assert usplit_range(SIZES, 5, R, 1) == ((5 + 1) * P * R,) * 2
+    for m in (1, 2, 3):
+        lo, hi = usplit_range(SIZES, 5, R, m)
+        totals = {paper_total("usplit", SIZES, 5, R, seed, sample_clients=m) for seed in range(20)}
+        assert all(lo <= t <= hi for t in totals), (m, lo, hi, totals)
+    assert usplit_range(SIZES, 5, R, 3) == (5 * P * R + P * R + R * (M + U), 5 * P * R + P * R + R * (M + 1_280_642))
+
+
 def test_round_count_by_hand_small_sizes():
     sizes = {"encoder": 10, "bottleneck": 5, "decoder": 3}
     udec = plan_round("udec", 1, 2, 0)

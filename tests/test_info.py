@@ -54,3 +54,17 @@ def test_info_names_each_traffic_figure(capsys):
     assert main(["info", "--preset", "paper-fmnist", "--json"]) == 0
     units = json.loads(capsys.readouterr().out)["units"]
     assert "paper's count" in units["comm"] and "in one round" in units["bytes_per_round_per_rank"]
+
+
+def test_info_counts_the_uploads_of_sampled_clients_only(capsys):
+    args = ["info", "--preset", "paper-fmnist", "--clients", "5", "--rounds", "15"]
+    assert main([*args, "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)
+    assert main([*args, "--set", "federation.sample_clients=2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["sample_clients"] == 2 and d["comm"]["full"] == (5 + 2) * P * 15
+    assert d["bytes_per_round_per_rank"] == every["bytes_per_round_per_rank"]  # the collective is the same
+    assert main([*args, "--set", "federation.sample_clients=2"]) == 0
+    text = capsys.readouterr().out
+    assert "2 of the 5 clients take part" in text and "clients not drawn send zeros" in text
+    assert main(args) == 0 and "take part" not in capsys.readouterr().out
