@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from evaluation.errors import EvalError
 from evaluation.protocol import DEFAULT_DDIM_STEPS, SAMPLERS, WEIGHT_CHOICES, WEIGHT_KINDS
 from fedrun import dist
+from fedrun.images import image_grid, save_png
 from fedrun.methods import Method
 from fedrun.output import steps as progress_steps
 from fedrun.rundir import RunDir
@@ -162,13 +163,11 @@ def save_npz(images: Tensor, path: str | os.PathLike[str]) -> Path:
 
 
 def save_grid(images: Tensor, path: str | os.PathLike[str], max_images: int = 64, nrow: int | None = None) -> Path:
-    """PNG grid (torchvision ``save_image``) of the first ``max_images`` uint8 images, square by default."""
-    from torchvision.utils import save_image
-
+    """PNG grid (``fedrun.images.image_grid``) of the first ``max_images`` uint8 images, square by default."""
     x = images[:max_images].float() / 255.0
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, path, nrow=nrow or max(1, math.ceil(math.sqrt(x.shape[0]))), padding=2)
+    save_png(image_grid(x, nrow=nrow or max(1, math.ceil(math.sqrt(x.shape[0]))), padding=2), path)
     return path
 
 

@@ -177,6 +177,29 @@ def _check_name(name: str) -> None:
         raise ValueError(f"invalid dataset {name!r}: allowed: " + ", ".join(TORCHVISION_DATASETS) + hint)
 
 
+def _idx_files(name: str, root: str, train: bool) -> tuple[Path, Path] | None:
+    """The extracted idx files (images, labels) of MNIST / Fashion-MNIST's split in torchvision's layout, or
+    None when one is missing (then torchvision checks, downloads and explains)."""
+    prefix = "train" if train else "t10k"
+    raw = Path(root) / _LAYOUT[name][1]
+    files = (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte")
+    return files if all(f.is_file() for f in files) else None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file of unsigned bytes (LeCun's MNIST format, as torchvision reads it): bytes 0, 0, 0x08, ndim,
+    then ndim big-endian int32 sizes, then the data. Read here because importing torchvision costs a
+    process about 2 s (its ops import torch._dynamo)."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] not in (1, 3):
+        raise DataError(f"{path} is not an idx file of unsigned bytes (MNIST's format): download it again")
+    ndim, offset = data[3], 4 + 4 * data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) - offset != int(np.prod(dims)):
+        raise DataError(f"{path} holds {len(data) - offset} data bytes, its header says {dims}: download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike,
@@ -191,20 +214,26 @@ def load_dataset(
     resize, so quick runs stay quick). ``image_size`` resizes to that size (default: native; CelebA:
     centre crop 178 then resize to 64). CelebA labels are its 'Male' attribute (``CELEBA_LABEL``).
     """
-    import torchvision.datasets as tvd
-
     _check_name(name)
     if subset is not None and subset < 1:
         raise ValueError(f"invalid subset={subset!r}: allowed: a positive integer or None")
     root = str(root)
     if name == "celeba":
         return _load_celeba(root, train, download, image_size or SHAPES["celeba"][1], subset)
-    if name in ("fashion-mnist", "mnist"):
+    idx = _idx_files(name, root, train) if name in ("fashion-mnist", "mnist") else None
+    if idx is not None:  # the same bytes torchvision's MNIST classes read, without importing torchvision
+        images = torch.from_numpy(read_idx(idx[0]).copy()).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
+        labels = torch.from_numpy(read_idx(idx[1]).astype(np.int64))
+    elif name in ("fashion-mnist", "mnist"):
+        import torchvision.datasets as tvd
+
         cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
         ds = _torchvision(name, root, download, lambda: cls(root, train=train, download=download))
         images = ds.data.unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
         labels = ds.targets.long()
     else:
+        import torchvision.datasets as tvd
+
         ds = _torchvision(name, root, download, lambda: tvd.CIFAR10(root, train=train, download=download))
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # NHWC -> NCHW
         labels = torch.tensor(ds.targets, dtype=torch.int64)
@@ -242,18 +271,16 @@ def _load_celeba(root: str, train: bool, download: bool, size: int, subset: int 
 
 def load_labels(name: str, root: str | os.PathLike, train: bool = True, download: bool = False) -> np.ndarray:
     """Only the labels of a torchvision data set (int64 numpy), without decoding its images."""
-    import torchvision.datasets as tvd
-
     _check_name(name)
     root = str(root)
+    raw = Path(root) / _LAYOUT[name][1]
+    path = raw / ("train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte")
+    if name in ("fashion-mnist", "mnist") and path.exists() and not download:
+        return read_idx(path).astype(np.int64)
+    import torchvision.datasets as tvd
+
     if name in ("fashion-mnist", "mnist"):
         cls = tvd.FashionMNIST if name == "fashion-mnist" else tvd.MNIST
-        raw = Path(root) / _LAYOUT[name][1]
-        path = raw / ("train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte")
-        if path.exists() and not download:
-            from torchvision.datasets.mnist import read_label_file
-
-            return read_label_file(str(path)).numpy().astype(np.int64)
         ds = _torchvision(name, root, download, lambda: cls(root, train=train, download=download))
         return ds.targets.numpy().astype(np.int64)
     if name == "cifar10":

@@ -24,7 +24,6 @@ from types import TracebackType
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid, save_image
 
 from fedrun import checkpoint as ckpt
 from fedrun import dist
@@ -34,6 +33,7 @@ from fedrun.comm import NO_COLLECTIVE, CommLog, paper_round_count, wire_text
 from fedrun.config import RunConfig
 from fedrun.finite import DivergedError, check_finite  # noqa: F401 - DivergedError: fedrun.loop's, as before
 from fedrun.hooks import Scorer, ScorerFactory
+from fedrun.images import image_grid, save_png
 from fedrun.methods import GROUPS, RoundPlan, get_method
 from fedrun.output import ConsoleSink, Sink, rank_sink
 from fedrun.privacy.run import RunPrivacy, round_text
@@ -326,11 +326,11 @@ class Run:
             x = self.hosted.diffusion.sample(
                 self.hosted.model, (n, channels, size, size), device, steps=steps, generator=g, clip_x0=clip
             )
-            grid = make_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
+            grid = image_grid((x.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(n))), padding=2)
             grids[k] = (grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
             if final:
                 self.dir.samples.mkdir(parents=True, exist_ok=True)  # each rank's own run directory
-                save_image(grid, self.dir.sample_grid(self._label(k)))
+                save_png(grid, self.dir.sample_grid(self._label(k)))
         for k, img in sorted(dist.gather_arrays(grids, "sample grids").items()):
             self.sink.image(f"samples/{self._label(k)}", img, rnd)
 
