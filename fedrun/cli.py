@@ -32,12 +32,11 @@ def train_entry(cfg: RunConfig) -> Path:
     from evaluation.scoring import fid_scorer  # torch and Inception: only when a run starts
     from fedrun.train import train
 
-    scores_at_end = bool(cfg.eval_samples) and os.environ.get("RANK", "0") == "0"  # rank 0 alone
-    if cfg.fid_every or scores_at_end:
+    if cfg.fid_every or (cfg.eval_samples and os.environ.get("RANK", "0") == "0"):
         find_inception_weights()  # missing weights: one line now, not after the training
     run_dir = train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
     # train() has left the process group: rank 0 scores alone (the others' models are in the run directory).
-    if scores_at_end:
+    if cfg.eval_samples and os.environ.get("RANK", "0") == "0":
         evaluation.commands.score_finished_run(cfg, run_dir)
     return run_dir
 
