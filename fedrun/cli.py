@@ -32,11 +32,12 @@ def train_entry(cfg: RunConfig) -> Path:
     from evaluation.scoring import fid_scorer  # torch and Inception: only when a run starts
     from fedrun.train import train
 
-    if cfg.fid_every or (cfg.eval_samples and os.environ.get("RANK", "0") == "0"):
+    scores_at_end = bool(cfg.eval_samples) and os.environ.get("RANK", "0") == "0"  # rank 0 alone
+    if cfg.fid_every or scores_at_end:
         find_inception_weights()  # missing weights: one line now, not after the training
     run_dir = train(cfg, scorer_factory=fid_scorer if cfg.fid_every else None)
     # train() has left the process group: rank 0 scores alone (the others' models are in the run directory).
-    if cfg.eval_samples and os.environ.get("RANK", "0") == "0":
+    if scores_at_end:
         evaluation.commands.score_finished_run(cfg, run_dir)
     return run_dir
 

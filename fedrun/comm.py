@@ -80,8 +80,8 @@ def usplit_range(sizes: Mapping[str, int], num_clients: int, rounds: int, sample
     fixed = k * p + (m // 2) * p
     if m % 2 == 0:
         return (fixed * rounds,) * 2
-    m, e, u = sizes["bottleneck"], sizes["encoder"], sizes["decoder"]
-    return (fixed + m + min(e, u)) * rounds, (fixed + m + max(e, u)) * rounds
+    bottleneck, e, u = sizes["bottleneck"], sizes["encoder"], sizes["decoder"]
+    return (fixed + bottleneck + min(e, u)) * rounds, (fixed + bottleneck + max(e, u)) * rounds
 
 
 def collective_bytes_per_round(

@@ -177,13 +177,14 @@ def _check_name(name: str) -> None:
         raise ValueError(f"invalid dataset {name!r}: allowed: " + ", ".join(TORCHVISION_DATASETS) + hint)
 
 
-def _idx_files(name: str, root: str, train: bool) -> tuple[Path, Path] | None:
-    """The extracted idx files (images, labels) of MNIST / Fashion-MNIST's split in torchvision's layout, or
-    None when one is missing (then torchvision checks, downloads and explains)."""
-    prefix = "train" if train else "t10k"
-    raw = Path(root) / _LAYOUT[name][1]
-    files = (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte")
-    return files if all(f.is_file() for f in files) else None
+def _idx_file(name: str, root: str, train: bool, kind: str) -> Path | None:
+    """The extracted idx file (``kind`` images or labels) of MNIST / Fashion-MNIST's split in torchvision's
+    layout; None for other data sets or when it is missing (then torchvision checks, downloads and explains)."""
+    if name not in ("fashion-mnist", "mnist"):
+        return None
+    dims = 3 if kind == "images" else 1
+    path = Path(root) / _LAYOUT[name][1] / f"{'train' if train else 't10k'}-{kind}-idx{dims}-ubyte"
+    return path if path.is_file() else None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -220,8 +221,8 @@ def load_dataset(
     root = str(root)
     if name == "celeba":
         return _load_celeba(root, train, download, image_size or SHAPES["celeba"][1], subset)
-    idx = _idx_files(name, root, train) if name in ("fashion-mnist", "mnist") else None
-    if idx is not None:  # the same bytes torchvision's MNIST classes read, without importing torchvision
+    idx = [_idx_file(name, root, train, kind) for kind in ("images", "labels")]
+    if idx[0] is not None and idx[1] is not None:  # the bytes torchvision's MNIST classes read, without it
         images = torch.from_numpy(read_idx(idx[0]).copy()).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
         labels = torch.from_numpy(read_idx(idx[1]).astype(np.int64))
     elif name in ("fashion-mnist", "mnist"):
@@ -273,9 +274,8 @@ def load_labels(name: str, root: str | os.PathLike, train: bool = True, download
     """Only the labels of a torchvision data set (int64 numpy), without decoding its images."""
     _check_name(name)
     root = str(root)
-    raw = Path(root) / _LAYOUT[name][1]
-    path = raw / ("train-labels-idx1-ubyte" if train else "t10k-labels-idx1-ubyte")
-    if name in ("fashion-mnist", "mnist") and path.exists() and not download:
+    path = None if download else _idx_file(name, root, train, "labels")
+    if path is not None:
         return read_idx(path).astype(np.int64)
     import torchvision.datasets as tvd
 
