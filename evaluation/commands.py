@@ -235,7 +235,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
     """``cfg.eval_samples`` after training: score the final models into fid.json
-    (``evaluation.evaluate.evaluate_at_end``) with the run's thread count, print the scores. Skipped when
+    (``evaluation.evaluate.evaluate_at_end``) on the cores the node's finished ranks have left to this one
+    (``apply_threads(alone=True)``), print the scores. Skipped when
     fid.json is newer than DONE (a finished run started again)."""
     from evaluation.evaluate import evaluate_at_end
     from fedrun.threads import apply_threads, restore_threads
@@ -249,7 +250,9 @@ def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
         f" (first {cfg.fid_ref_num} images)" if cfg.fid_ref_num else ""
     )
     sink.info(f"scoring {n} samples of each final model against {ref} (eval_samples)")
-    threads = apply_threads(cfg.threads)
+    threads = apply_threads(cfg.threads, alone=True)
+    if threads.threads != threads.previous:
+        sink.info(f"scoring with {threads.threads} thread(s): the other ranks of this node have finished")
     try:
         out = evaluate_at_end(cfg, run.root)
     finally:

@@ -123,13 +123,18 @@ def _load_average() -> float | None:
         return None
 
 
-def apply_threads(requested: int) -> ThreadChoice:
-    """Choose this process's count (``choose_threads``) and set it in torch; ``restore_threads`` undoes it."""
+def apply_threads(requested: int, alone: bool = False) -> ThreadChoice:
+    """Choose this process's count (``choose_threads``) and set it in torch; ``restore_threads`` undoes it.
+
+    ``alone``: the other ranks of this node have finished (rank 0 scoring after training), so this one may use
+    every core it may run on; the OMP_NUM_THREADS that torchrun or ``fedrun submit`` set per rank then no longer
+    applies (a Slurm binding still does, through the affinity). ``threads=N`` of the config still wins."""
     import torch  # here, not at import: the rule itself needs no torch
 
-    choice = choose_threads(
-        requested, available_cores(), local_ranks(), os.environ.get("OMP_NUM_THREADS"), load=_load_average()
-    )
+    ranks, omp = local_ranks(), os.environ.get("OMP_NUM_THREADS")
+    if alone and ranks > 1:
+        ranks, omp = 1, None
+    choice = choose_threads(requested, available_cores(), ranks, omp, load=_load_average())
     previous = torch.get_num_threads()
     torch.set_num_threads(choice.threads)
     return replace(choice, previous=previous)

@@ -74,6 +74,24 @@ def test_apply_sets_torch_and_restore_puts_the_callers_count_back(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_a_rank_left_alone_on_its_node_uses_every_core_it_may_run_on(monkeypatch):
+    """Rank 0 scoring after a torchrun job: its siblings have exited, so torchrun's per-rank
+    OMP_NUM_THREADS=1 no longer applies; the affinity (a Slurm binding) and threads=N of the config still do."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr("fedrun.threads.available_cores", lambda: 3)
+    try:
+        assert apply_threads(0).threads == 1  # still training beside the other rank
+        alone = apply_threads(0, alone=True)
+        assert (alone.threads, alone.source, alone.local_ranks) == (3, "auto", 1) and torch.get_num_threads() == 3
+        assert apply_threads(2, alone=True).threads == 2  # the config's count wins
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process: its OMP_NUM_THREADS is the user's, kept
+        assert apply_threads(0, alone=True).threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_threads_is_a_config_field():
     assert RunConfig().threads == 0
     assert apply_overrides(RunConfig(), {"threads": "2"}).threads == 2
