@@ -34,12 +34,12 @@ def preset_quickstart() -> RunConfig:
     """
     return RunConfig(
         data=DataConfig(image_size=16, subset=20000),
-        federation=FederationConfig(clients=2, rounds=10, local_epochs=100, max_local_steps=66),
+        federation=FederationConfig(clients=2, rounds=8, local_epochs=100, max_local_steps=60),
         optim=OptimConfig(batch_size=32, lr=2e-3, ema_decay=0.99, keep_state=True),
         num_samples=64,
         sample_steps=25,
         sample_clip=True,
-        checkpoint_every=5,
+        checkpoint_every=4,
         eval_samples=200,
         fid_ref_num=200,
         preset="quickstart",
