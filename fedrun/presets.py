@@ -25,7 +25,7 @@ def preset_quickstart() -> RunConfig:
 
     Sized by measurement on a 2-core Xeon (issue 13, BENCHMARKS.md): at 28x28 the paper UNet (dim 28, 3.0M
     parameters) costs ~4x more per step than at 16x16 (dim = image size = 16, 1.0M parameters) and still
-    draws saturated blobs after the steps 2 minutes allow; at 16x16, ~1,300 steps of 32 images draw
+    draws saturated blobs after the steps 2 minutes allow; at 16x16, ~1,000 steps of 32 images draw
     recognisable garments. bf16 autocast saves little at this size, and CPUs without native bf16 are slower
     with it, so the local step stays fp32. The raw weights of so short a run drift between rounds; their EMA
     (decay 0.99, a horizon of ~100 steps) does not. The scores are against the first 200 test images at 16x16

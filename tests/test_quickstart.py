@@ -37,7 +37,7 @@ SHORT = {
     "fid_ref_num": 200,
     "federation.seed": 7,
 }
-"""The quickstart preset, shortened: 2 clients x 200 local steps of 32 images (the quickstart: 660 each), with
+"""The quickstart preset, shortened: 2 clients x 200 local steps of 32 images (the quickstart: 480 each), with
 an EMA horizon to match (decay 0.95: ~20 steps). With the quickstart's 0.99, whose EMA still holds a third of the
 untrained weights after 100 steps, 2 x 100 steps scored as untrained weights do (FID 448.7, KID 0.625)."""
 FID_MAX = 350.0
