@@ -11,8 +11,8 @@ export TORCH_HOME
 install:
 	$(PY) -m pip install -q -e '.[dev]'
 
-# Two ranks, a client each (1 thread each: 1.38x the speed of one 2-thread process hosting both on a 2-core
-# Xeon, BENCHMARKS.md); rank 0 ends by scoring the samples on all cores. Same models either way.
+# Two ranks, a client each, 1 thread each: 1.38x the training speed of one 2-thread process hosting both
+# clients in turn on an idle 2-core Xeon (README). Rank 0 ends by scoring the samples on all cores.
 quickstart: install
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m fedrun train --preset quickstart --data-root "$(DATA)" --download --out-dir runs --name quickstart
 	@echo "make quickstart: the grid is runs/quickstart/samples/final.png, FID and KID are in runs/quickstart/fid.json"

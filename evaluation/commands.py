@@ -239,7 +239,7 @@ def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
     (``apply_threads(alone=True)``), print the scores. Skipped when
     fid.json is newer than DONE (a finished run started again)."""
     from evaluation.evaluate import evaluate_at_end
-    from fedrun.threads import apply_threads, restore_threads
+    from fedrun.threads import apply_threads, local_ranks, restore_threads
 
     run = RunDir(run_dir)
     if run.fid_json.is_file() and run.done.is_file() and run.fid_json.stat().st_mtime >= run.done.stat().st_mtime:
@@ -251,8 +251,8 @@ def score_finished_run(cfg: RunConfig, run_dir: Path) -> None:
     )
     sink.info(f"scoring {n} samples of each final model against {ref} (eval_samples)")
     threads = apply_threads(cfg.threads, alone=True)
-    if threads.threads != threads.previous:
-        sink.info(f"scoring with {threads.threads} thread(s): the other ranks of this node have finished")
+    if local_ranks() > 1:  # only then does alone=True change the count: say so with the rule's own line
+        sink.info(f"scoring alone, the other ranks of this node have finished: {threads.describe()}")
     try:
         out = evaluate_at_end(cfg, run.root)
     finally:
