@@ -193,10 +193,22 @@ def test_torchrun_udec_virtual_clients_writes_comm_file(repo_root, fmnist_root, 
         assert not all(torch.equal(m0[n], mk[n]) for n in groups["encoder"]), "encoder must stay local"
     P = sum(t.numel() for t in m0.values())
     U = sum(m0[n].numel() for n in groups["decoder"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     rows = read_comm_log(run / "comm.jsonl")
     assert [r["paper_params"] for r in rows] == [4 * (P + U), 4 * 2 * U, 4 * 2 * U]
     assert rows[-1]["paper_params_cum"] == 4 * (P + U + 2 * U * 2)  # K (P + U + 2U(R-1))
     assert rows[0]["bytes"] > 0 and rows[-1]["bytes_cum"] == sum(r["bytes"] for r in rows)
+    # The round waits for its slowest rank: at least rank 0's training, at most rank 0's training plus its sync
+    # (which waited for it); rank 1 starts each round no later than rank 0, which logs the round first.
+    acc = EventAccumulator(str(RunDir(run).tb))
+    acc.Reload()
+    mine, sync, slowest = (
+        [e.value for e in acc.Scalars(f"time/{t}")] for t in ("compute_s", "sync_s", "compute_s_slowest_rank")
+    )
+    assert len(slowest) == 3
+    for c, s, m in zip(mine, sync, slowest, strict=True):
+        assert c <= m <= c + s + 0.25, (c, s, m)
 
 
 @pytest.fixture(scope="module")
