@@ -80,7 +80,9 @@ def load_inception(weights: str | os.PathLike[str] | None = None, device: str | 
             model = pf_inception.InceptionV3([pf_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]])
         finally:
             pf_inception.load_state_dict_from_url = original
-        _MODELS[key] = model.eval().to(device)
+        # channels_last: 1.48x faster on a 2-core Xeon (50 images in 4.96 vs 7.42 s, 2 threads); the features
+        # move by ~1e-6 relative (the same sums in another order).
+        _MODELS[key] = model.eval().to(device).to(memory_format=torch.channels_last)
     return _MODELS[key]
 
 
@@ -119,6 +121,7 @@ def inception_features(
     with steps(total or 0, desc, unit="img", enabled=progress and bool(total)) as bar:
         for batch in batches:
             x = to_inception_input(batch).to(device)  # [B, 3, H, W]; the model resizes to 299 itself
+            x = x.contiguous(memory_format=torch.channels_last)
             f = model(x)[0]  # [B, 2048, 1, 1]
             feats.append(f.flatten(1).double().cpu().numpy())
             bar.update(batch.shape[0])
