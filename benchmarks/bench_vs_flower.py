@@ -43,6 +43,7 @@ from benchmarks.common import base_parser, check, device_info, report
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_HINT = "flwr is not installed: pip install -e '.[bench-flower]' (or pip install 'flwr[simulation]')"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # fedrun's launch
 OUTSIDE_TARGET, TOTAL_TARGET = 0.2, 1.0  # the ISSUE: outside local training <= 1/5 of Flower's; total <= Flower's
 
 
@@ -127,8 +128,7 @@ def run_measured(cmd: list[str], env: dict[str, str], log: Path) -> dict[str, fl
 def run_fedrun(cfg, tmp: Path, env: dict[str, str]) -> dict[str, Any]:
     config = tmp / "fedrun.json"
     config.write_text(cfg.to_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "fedrun", "train", "--config", str(config)]
+    cmd = [*TORCHRUN, "-m", "fedrun", "train", "--config", str(config)]
     m = run_measured(cmd, env, tmp / "fedrun.log")
     run = Path(cfg.run_dir())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -150,8 +150,7 @@ def run_torchrun_floor(tmp: Path, env: dict[str, str]) -> float:
     work (the agent's start, each rank's ``import torch``, the exits), fedrun's or not."""
     script = tmp / "only_import_torch.py"
     script.write_text("import torch  # noqa: F401\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    return run_measured(cmd, env, tmp / "floor.log")["wall_s"]
+    return run_measured([*TORCHRUN, str(script)], env, tmp / "floor.log")["wall_s"]
 
 
 # -- Flower ----------------------------------------------------------------------------------------------

@@ -120,8 +120,8 @@ def inception_features(
     feats: list[np.ndarray] = []
     with steps(total or 0, desc, unit="img", enabled=progress and bool(total)) as bar:
         for batch in batches:
-            x = to_inception_input(batch).to(device)  # [B, 3, H, W]; the model resizes to 299 itself
-            x = x.contiguous(memory_format=torch.channels_last)
+            # [B, 3, H, W], channels_last as the model; the model resizes to 299 itself
+            x = to_inception_input(batch).to(device, memory_format=torch.channels_last)
             f = model(x)[0]  # [B, 2048, 1, 1]
             feats.append(f.flatten(1).double().cpu().numpy())
             bar.update(batch.shape[0])

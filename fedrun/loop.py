@@ -176,7 +176,8 @@ class Run:
             tuple[dict[int, float], int, int, float],
             "round losses",
         ).values()
-        all_losses = {k: v for rank_losses, *_ in per_rank for k, v in rank_losses.items()}
+        rank_losses, rank_images, rank_bytes, rank_compute_s = zip(*per_rank, strict=True)
+        all_losses = {k: v for losses_of_rank in rank_losses for k, v in losses_of_rank.items()}
         paper = paper_round_count(plan, h.group_sizes, first_round=rnd == 1)
         collective = self.ctx.world_size > 1  # one process averages in memory: its 0 bytes mean none, not free
         priv = self.privacy.after_round(rnd, h.exchange.privacy, self.sink, self._warn) if self.privacy else {}
@@ -192,7 +193,7 @@ class Run:
         stats = RoundStats(
             rnd,
             loss=float(np.mean(list(all_losses.values()))),
-            images_per_s=sum(n for _, n, *_ in per_rank) / max(compute_s + sync_s, 1e-9),
+            images_per_s=sum(rank_images) / max(compute_s + sync_s, 1e-9),
             compute_s=compute_s,
             sync_s=sync_s,
         )
@@ -206,13 +207,13 @@ class Run:
             sink.scalar(f"server/pseudo_grad_norm/{fed.server_optimizer}", sync.pseudo_grad_norm, rnd)
         sink.scalar(f"comm/paper_params_cum/{fed.method}", row["paper_params_cum"], rnd)
         sink.scalar(f"comm/bytes_cum/{fed.method}", row["bytes_cum"], rnd)
-        sink.scalar("comm/bytes_all_ranks", sum(b for _, _, b, _ in per_rank), rnd)
+        sink.scalar("comm/bytes_all_ranks", sum(rank_bytes), rnd)
         if not collective and rnd == 1:  # once per run: those 0s mean no collective, not a free one
             sink.text("comm/bytes", f"{NO_COLLECTIVE}: the clients are averaged in memory; comm/bytes_* stay 0", rnd)
         sink.scalar("time/compute_s", compute_s, rnd)
         sink.scalar("time/sync_s", sync_s, rnd)
         # The round ends with its slowest rank: above rank 0's compute_s, the rest of its sync_s is waiting.
-        sink.scalar("time/compute_s_slowest_rank", max(c for *_, c in per_rank), rnd)
+        sink.scalar("time/compute_s_slowest_rank", max(rank_compute_s), rnd)
         sink.scalar("throughput/images_per_s", stats.images_per_s, rnd)
         comm = wire_text(sync.bytes, collective) + round_text(priv)
         sink.end_round(rnd, loss=stats.loss, images_per_s=stats.images_per_s, sync_s=sync_s, comm=comm)
