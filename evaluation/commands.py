@@ -224,6 +224,7 @@ def run_eval(args: argparse.Namespace) -> int:
             stage=args.stage,
             ref_num=args.ref_num,
         )
+        dist.leave()
     except EvalError as e:
         return _error(e)
     finally:

@@ -159,6 +159,15 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def leave() -> None:
+    """The success path's end: every rank meets, then the group is torn down. A rank destroying its gloo pairs
+    while a peer still finishes the last collective aborted once in CI ("terminate called without an active
+    exception", SIGABRT). Not for error paths: there the peers may be gone and the barrier would wait for
+    them; ``cleanup()`` is the one that is always safe."""
+    barrier()
+    cleanup()
+
+
 def world() -> int:
     """Number of ranks of the initialised process group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

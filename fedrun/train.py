@@ -46,6 +46,7 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
         check_run_config(cfg)  # every rank the same run, before anything is read or written
         run = Run.open(cfg, ctx, scorer_factory)
         if run is None:  # finished already: nothing was built
+            dist.leave()
             return Path(cfg.run_dir())
         run.sink.info(threads.describe())
         # The rule StepConfig.from_config applies (fedrun.precision): a pure function of the config and the CPU.
@@ -72,6 +73,7 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
             run.export_models()
             run.sample_grids(last, final=True)  # the last round's grids also go to samples/*.png
             run.finish(last if stop else None, stop)
+        dist.leave()
         return run.dir.root
     finally:
         dist.cleanup()

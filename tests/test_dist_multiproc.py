@@ -404,6 +404,15 @@ def _mismatch_scenario(ctx: fdist.DistContext) -> dict:
         return {"error": str(e), "seconds": time.monotonic() - start}
 
 
+def _leave_scenario(ctx: fdist.DistContext) -> dict:
+    """Last scenario (it tears the group down): rank 1 arrives late; rank 0's leave() waits for it."""
+    if ctx.rank == 1:
+        time.sleep(1.0)
+    start = time.monotonic()
+    fdist.leave()
+    return {"waited_s": time.monotonic() - start, "initialised": torch.distributed.is_initialized()}
+
+
 SCENARIOS = {
     "methods": _methods_scenario,
     "bf16": _bf16_scenario,
@@ -411,6 +420,7 @@ SCENARIOS = {
     "helpers": _helpers_scenario,
     "in_place": _in_place_scenario,
     "mismatch": _mismatch_scenario,
+    "leave": _leave_scenario,
 }
 
 
@@ -464,8 +474,11 @@ def _check_methods(results: list[dict], world: int) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_two_ranks(tmp_path):
-    results = _spawn(2, ["helpers", "methods", "bf16"], tmp_path)
+    results = _spawn(2, ["helpers", "methods", "bf16", "leave"], tmp_path)
     _check_methods(results, 2)
+    # leave(): rank 0 met rank 1 (1 s late) before either tore the group down
+    assert results[0]["leave"]["waited_s"] > 0.8 and results[1]["leave"]["waited_s"] < 0.5
+    assert not results[0]["leave"]["initialised"] and not results[1]["leave"]["initialised"]
 
     h0, h1 = results[0]["helpers"], results[1]["helpers"]
     assert h0["ints"] == h1["ints"] == _sizes(5)
