@@ -160,6 +160,9 @@ def executor_parameters(opts: SlurmOptions, tasks_per_node: int, name: str) -> d
         "slurm_qos": opts.qos,
         "slurm_signal_delay_s": opts.signal_delay_s,
         "slurm_array_parallelism": opts.array_parallelism,
+        # A task that fails ends its job step at once: its peers would otherwise wait for it until
+        # dist_timeout_s (or, before the process group, the 600 s rendezvous) and hold the allocation.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
         "slurm_additional_parameters": dict(opts.sbatch) or None,
     }
     return {k: v for k, v in params.items() if v is not None}
@@ -203,9 +206,16 @@ def require_sbatch() -> None:
 # -- what runs inside each Slurm task ---------------------------------------------------------------
 
 
+# Rendezvous ports lie below Linux's ephemeral range (ip_local_port_range, 32768-60999 by default): a port in it
+# can be held by any process's outgoing connection on the node, and an array task whose port was taken that way
+# failed with EADDRINUSE in the Slurm sweep test.
+PORT_RANGE = (20000, 32768)
+
+
 def master_port(job_id: str | int) -> int:
-    """Rendezvous port from the job id: identical on every task and after a requeue (same id)."""
-    return 20000 + random.Random(f"fedrun-{job_id}").randrange(40000)
+    """Rendezvous port from the job id: identical on every task and after a requeue (same id), in PORT_RANGE."""
+    lo, hi = PORT_RANGE
+    return lo + random.Random(f"fedrun-{job_id}").randrange(hi - lo)
 
 
 def export_distributed_env() -> TorchDistributedEnvironment:
