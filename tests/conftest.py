@@ -191,6 +191,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Every test leaves torch's intra-op thread count as it found it. The benchmarks' ``main()`` sets one thread
+    on CPU (bench_sample, bench_step), and their smoke tests run it in this process: every later test ran on one
+    core, and the pytorch-fid parity test took 228 s instead of ~130 s."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
