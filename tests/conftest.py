@@ -196,11 +196,10 @@ def _keep_torch_threads():
     """Every test leaves torch's intra-op thread count as it found it. The benchmarks' ``main()`` sets one thread
     on CPU (bench_sample, bench_step), and their smoke tests run it in this process: every later test ran on one
     core, and the pytorch-fid parity test took 228 s instead of ~130 s."""
-    import torch
-
-    threads = torch.get_num_threads()
+    torch = sys.modules.get("torch")  # not imported yet: nothing to keep (and no import for tests without it)
+    threads = torch.get_num_threads() if torch else None
     yield
-    if torch.get_num_threads() != threads:
+    if threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
 
