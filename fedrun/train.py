@@ -72,8 +72,8 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
                 run.sink.flush()
             run.export_models()
             run.sample_grids(last, final=True)  # the last round's grids also go to samples/*.png
+            # finish() meets every rank in a barrier after the last collective: the group can go (below)
             run.finish(last if stop else None, stop)
-        dist.leave()
         return run.dir.root
     finally:
         dist.cleanup()
