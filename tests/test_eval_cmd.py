@@ -179,7 +179,7 @@ def test_eval_tiny_full_run_writes_fid_json_tb_and_samples(tmp_path, torch_home,
     assert "15.5" in out["protocol"]["note"]
     with np.load(run / "eval" / "samples_global_raw.npz") as f:
         x = f["x"]
-    assert x.shape == (8, 1, 28, 28) and x.dtype == np.uint8
+    assert x.shape == (8, 1, 16, 16) and x.dtype == np.uint8  # the tiny preset's size
     assert (run / "eval" / "grid_global_raw.png").is_file()
     # The FID in the file is the FID of the saved samples.
     ref = F.load_stats(fid_stats_path)

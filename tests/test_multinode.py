@@ -28,9 +28,10 @@ pytestmark = [pytest.mark.multinode, pytest.mark.multiproc, pytest.mark.timeout(
 REPO = Path(__file__).resolve().parents[1]
 RDZV_PORT = 29411
 RUN_TIMEOUT_S = 300
-# 4 clients, 3 rounds of 3 local steps: a few seconds a round on 2 busy cores, time enough to lose a host
-# between two checkpoints.
+# 4 clients, 3 rounds of 3 local steps at 28x28 (the tiny preset's 16x16 is 4.7x faster): a few seconds a round on
+# 2 busy cores, time enough to lose a host between two checkpoints.
 ARGS = ["--preset", "tiny", "--seed", "7", "--clients", "4", "--rounds", "3", "--max-local-steps", "3"]
+ARGS += ["--set", "data.image_size=28"]
 
 
 def in_ci() -> bool:

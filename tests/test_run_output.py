@@ -46,8 +46,8 @@ def test_single_process_run_says_what_it_did(fmnist_root, tmp_path, capsys, monk
 
     # Threads: chosen on purpose, one line per start on rank 0.
     assert err.count("fedrun: 1 process x 1 thread (") == 2 and "from OMP_NUM_THREADS=1" in err
-    # Precision: fedrun.precision's rule for this CPU and the 28x28 model, said at the start and at the resume.
-    expected = choose_amp("auto", "cpu", cpu_flags(), 28).describe()
+    # Precision: fedrun.precision's rule for this CPU and the model's size, said at the start and at the resume.
+    expected = choose_amp("auto", "cpu", cpu_flags(), cfg.data.image_size).describe()
     assert err.count(f"fedrun: {expected}\n") == 2
     # Traffic: a single process has no collective, and says so instead of '0 bytes'.
     rounds = [line for line in err.splitlines() if line.startswith("round ")]

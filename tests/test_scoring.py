@@ -76,13 +76,13 @@ def test_fid_scorer_loads_the_reference_once_and_scores_like_fid_of_model(
     monkeypatch.setattr(Ref, "source_statistics", lambda *a, **k: computed.append(a) or source_statistics(*a, **k))
     cfg = apply_overrides(get_preset("tiny"), {"data.root": str(read_only_root), "fid_samples": 4, "sample_steps": 2})
     score = fid_scorer(cfg, torch.device("cpu"), tmp_path / "cache")
-    cached = tmp_path / "cache" / "fid_stats" / "fashion-mnist_test.npz"
-    assert len(computed) == 1 and cached.is_file()  # the default reference: the test split, cached
+    cached = tmp_path / "cache" / "fid_stats" / "fashion-mnist_test_s16.npz"
+    assert len(computed) == 1 and cached.is_file()  # the default reference: the test split at the model's size
 
     model, diffusion = build_model(cfg), build_diffusion(cfg)
     v = score(model, diffusion, 7)
     expected = fid_of_model(
-        model, diffusion, load_stats(cached), 4, image_shape=(1, 28, 28), sampler="ddim", steps=2, seed=7
+        model, diffusion, load_stats(cached), 4, image_shape=(1, 16, 16), sampler="ddim", steps=2, seed=7
     )
     assert np.isfinite(v) and v == pytest.approx(expected, rel=1e-9)
     assert score(model, diffusion, 8) != v and len(computed) == 1  # another seed; the reference not again
@@ -108,5 +108,5 @@ def test_fid_and_eval_work_on_a_read_only_data_root(tmp_path, torch_home, monkey
     torch.save({n: p.detach() for n, p in build_model(cfg).named_parameters()}, run / "models" / "global.pt")
     args = ["--num-samples", "4", "--sampler", "ddim", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
     assert fedrun_main(["eval", str(run), *args]) == 0  # the default reference: fashion-mnist:test in root
-    assert (tmp_path / "cache" / "fid_stats" / "fashion-mnist_test.npz").is_file()
+    assert (tmp_path / "cache" / "fid_stats" / "fashion-mnist_test_s16.npz").is_file()  # at the model's 16x16
     assert (run / "fid.json").is_file()
