@@ -158,10 +158,12 @@ def optimised(
     amp: torch.dtype | None,
     compile_model: bool = False,
     ema_decay: float | None = None,
+    model: nn.Module | None = None,
 ) -> Callable[[], None]:
-    """The project's step: LocalTrainer, set up as fedrun.train does; one round = ``iters`` steps."""
+    """The project's step: LocalTrainer, set up as fedrun.train does; one round = ``iters`` steps.
+    ``model``: the network to train (default: ``build(arch)``)."""
     # channels_last on every device, as fedrun.setup builds the working model.
-    model = build(arch, device).to(memory_format=torch.channels_last)
+    model = (model if model is not None else build(arch, device)).to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if compile_model else model
     cfg = StepConfig(
         lr=1e-4, batch_size=batch, local_epochs=1e9, max_local_steps=warmup, keep_opt_state=False, amp_dtype=amp, seed=0

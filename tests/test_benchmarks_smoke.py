@@ -119,3 +119,19 @@ def test_bench_sample(tmp_path):
     if have:  # both samplers ran the same chain from the same noise (up to rounding)
         assert doc["max_abs_diff"]["project/diffusers"] <= 2
         assert len(doc["targets"]) == 3
+
+
+def test_bench_amp(tmp_path):
+    from fedrun.precision import choose_amp, cpu_flags
+
+    doc = run_bench("bench_amp", tmp_path)
+    (row,) = doc["results"]  # the quick grid: one row
+    assert (row["size"], row["dim_mults"], row["batch"]) == (16, [1, 2], 2)
+    assert row["fp32_img_per_s"] > 0 and row["bf16_img_per_s"] > 0
+    assert row["bf16_vs_fp32"] == pytest.approx(row["bf16_img_per_s"] / row["fp32_img_per_s"])
+    # The pick is the rule's for this CPU and image side, and the one target compares it with the other.
+    assert row["auto_picks"] == choose_amp("auto", "cpu", cpu_flags(), 16).precision
+    (t,) = doc["targets"]
+    assert f"auto picks {row['auto_picks']}" in t["name"] and t["op"] == ">="
+    expected = row["bf16_vs_fp32"] if row["auto_picks"] == "bf16" else 1 / row["bf16_vs_fp32"]
+    assert t["value"] == pytest.approx(expected)
