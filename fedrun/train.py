@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedrun import dist
+from fedrun import dist, heap
 from fedrun.agreement import check_run_config
 from fedrun.build import image_shape
 from fedrun.config import ConfigError, RunConfig
@@ -49,6 +49,7 @@ def train(cfg: RunConfig, scorer_factory: ScorerFactory | None = None) -> Path:
             dist.leave()
             return Path(cfg.run_dir())
         run.sink.info(threads.describe())
+        run.sink.info(heap.current().describe())  # set by the fedrun program or the Slurm task (fedrun.heap)
         # The rule StepConfig.from_config applies (fedrun.precision): a pure function of the config and the CPU.
         run.sink.info(amp_choice(cfg.optim.amp, ctx.device, image_shape(cfg)[1]).describe())
         with run:  # closes the sink, also on an error

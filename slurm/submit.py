@@ -31,6 +31,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
 from fedrun.config import RunConfig
+from fedrun.heap import apply_heap
 from fedrun.rundir import RunDir
 
 TrainFn = Callable[[RunConfig], Path]
@@ -246,6 +247,7 @@ class FederatedRun(Checkpointable):
         return RunConfig.from_json(self.config_json)
 
     def __call__(self) -> str:
+        apply_heap()  # as the fedrun program does at start (fedrun.heap); submitit's process is not that program
         env = export_distributed_env()
         cfg = self.config
         if env.rank == 0:

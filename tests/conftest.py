@@ -191,6 +191,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests that run fedrun's code in this process run it as the fedrun program does (fedrun.heap: malloc
+    # keeps freed memory for reuse); its own tests check both settings in child processes.
+    try:
+        from fedrun.heap import apply_heap
+    except ImportError:  # a probe's copy of this file beside no fedrun
+        return
+    apply_heap()
+
+
 @pytest.fixture(autouse=True)
 def _keep_torch_threads():
     """Every test leaves torch's intra-op thread count as it found it. The benchmarks' ``main()`` sets one thread

@@ -135,3 +135,13 @@ def test_bench_amp(tmp_path):
     assert f"auto picks {row['auto_picks']}" in t["name"] and t["op"] == ">="
     expected = row["bf16_vs_fp32"] if row["auto_picks"] == "bf16" else 1 / row["bf16_vs_fp32"]
     assert t["value"] == pytest.approx(expected)
+
+
+def test_bench_heap(tmp_path):
+    doc = run_bench("bench_heap", tmp_path, "--workloads", "sample,train")  # 4 child processes
+    rows = {r["workload"]: r for r in doc["results"]}
+    assert set(rows) == {"sample", "train"}
+    for r in rows.values():  # each setting ran in its own child processes, as asked
+        assert r["keep"]["applied"] is (sys.platform.startswith("linux")) and r["system"]["applied"] is False
+        assert r["system_vs_keep_time"] == pytest.approx(r["system"]["seconds"] / r["keep"]["seconds"])
+    assert len(doc["targets"]) == len(rows)

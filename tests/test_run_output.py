@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from fedrun import heap
 from fedrun.comm import NO_COLLECTIVE, read_comm_log
 from fedrun.config import apply_overrides
 from fedrun.precision import choose_amp, cpu_flags
@@ -49,6 +50,8 @@ def test_single_process_run_says_what_it_did(fmnist_root, tmp_path, capsys, monk
     # Precision: fedrun.precision's rule for this CPU and the model's size, said at the start and at the resume.
     expected = choose_amp("auto", "cpu", cpu_flags(), cfg.data.image_size).describe()
     assert err.count(f"fedrun: {expected}\n") == 2
+    # Host memory: fedrun.heap's state of this process (conftest sets it as the fedrun program does).
+    assert err.count(f"fedrun: {heap.current().describe()}\n") == 2
     # Traffic: a single process has no collective, and says so instead of '0 bytes'.
     rounds = [line for line in err.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2 and all(line.endswith(f"| {NO_COLLECTIVE}") for line in rounds)
