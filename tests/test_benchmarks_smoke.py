@@ -138,9 +138,9 @@ def test_bench_amp(tmp_path):
 
 
 def test_bench_heap(tmp_path):
-    doc = run_bench("bench_heap", tmp_path, "--workloads", "sample,train")  # 4 child processes
+    doc = run_bench("bench_heap", tmp_path, "--workloads", "sample")  # 2 child processes (the suite's time)
     rows = {r["workload"]: r for r in doc["results"]}
-    assert set(rows) == {"sample", "train"}
+    assert set(rows) == {"sample"}
     for r in rows.values():  # each setting ran in its own child processes, as asked
         assert r["keep"]["applied"] is (sys.platform.startswith("linux")) and r["system"]["applied"] is False
         assert r["system_vs_keep_time"] == pytest.approx(r["system"]["seconds"] / r["keep"]["seconds"])
