@@ -75,7 +75,7 @@ def _glibc() -> ctypes.CDLL | None:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such symbol (musl, macOS); no CDLL(None) (Windows)
         return None
     return libc
 

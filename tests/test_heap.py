@@ -35,6 +35,19 @@ def test_lines_say_what_was_done_and_how_to_change_it():
     assert off == "host memory: malloc's defaults (FEDRUN_HEAP=system)"
 
 
+def test_without_glibc_or_with_system_nothing_is_set_and_the_line_says_why(monkeypatch):
+    from fedrun import heap
+
+    monkeypatch.setattr(heap, "_glibc", lambda: None)  # musl, macOS: no gnu_get_libc_version
+    monkeypatch.setattr(heap, "_CURRENT", None)
+    choice = heap.apply_heap({})
+    assert (choice.mode, choice.applied) == ("keep", False) and heap.current() is choice
+    assert choice.describe() == "host memory: malloc's defaults (not glibc's malloc here: nothing to set)"
+    assert heap.apply_heap({ENV: "system"}) is choice  # once per process: the first choice stands
+    monkeypatch.setattr(heap, "_CURRENT", None)
+    assert heap.apply_heap({ENV: "system"}).describe() == "host memory: malloc's defaults (FEDRUN_HEAP=system)"
+
+
 CHILD = textwrap.dedent(
     """
     import json, resource, sys
