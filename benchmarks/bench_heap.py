@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Target, base_parser, check, device_info, median, parse_args, report
+from fedrun.heap import ENV
 
 WORKLOADS = ("sample", "inception", "train")
 MODES = ("system", "keep")
@@ -88,7 +89,7 @@ def child(name: str, calls: int, threads: int, quick: bool) -> dict[str, Any]:
 
 
 def run_child(name: str, mode: str, calls: int, threads: int, quick: bool) -> dict[str, Any]:
-    env = {**os.environ, "FEDRUN_HEAP": mode, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, ENV: mode, "PYTHONPATH": str(REPO)}
     args = [sys.executable, "-m", "benchmarks.bench_heap", "--child", name, "--calls", str(calls)]
     args += ["--threads", str(threads)] + (["--quick"] if quick else [])
     out = subprocess.run(args, env=env, capture_output=True, text=True, cwd=REPO)
