@@ -404,13 +404,29 @@ def _mismatch_scenario(ctx: fdist.DistContext) -> dict:
         return {"error": str(e), "seconds": time.monotonic() - start}
 
 
+def _thread_names() -> list[str]:
+    """This process's native threads, as the kernel names them (gloo's: gloo_tcp_loop, pt_gloo_runloop)."""
+    tasks = Path("/proc/self/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
 def _leave_scenario(ctx: fdist.DistContext) -> dict:
-    """Last scenario (it tears the group down): rank 1 arrives late; rank 0's leave() waits for it."""
+    """Last scenario (it tears the group down): rank 1 arrives late; rank 0's leave() waits for it. torchvision
+    is imported with the group formed, as fedrun's data loading does; it imports torch._dynamo, whose import of
+    torch.distributed.nn.functional once kept the group (and gloo's threads) alive past leave()."""
+    import torchvision  # noqa: F401
+
     if ctx.rank == 1:
         time.sleep(1.0)
     start = time.monotonic()
+    during = [n for n in _thread_names() if "gloo" in n]
     fdist.leave()
-    return {"waited_s": time.monotonic() - start, "initialised": torch.distributed.is_initialized()}
+    after = [n for n in _thread_names() if "gloo" in n]
+    return {
+        "waited_s": time.monotonic() - start,
+        "initialised": torch.distributed.is_initialized(),
+        "gloo_threads": [during, after],
+    }
 
 
 SCENARIOS = {
@@ -479,6 +495,10 @@ def test_two_ranks(tmp_path):
     # leave(): rank 0 met rank 1 (1 s late) before either tore the group down
     assert results[0]["leave"]["waited_s"] > 0.8 and results[1]["leave"]["waited_s"] < 0.5
     assert not results[0]["leave"]["initialised"] and not results[1]["leave"]["initialised"]
+    # ... and the group's threads ended there, not at the interpreter's exit (which aborted now and then)
+    for res in results:
+        during, after = res["leave"]["gloo_threads"]
+        assert during and after == [], res["leave"]
 
     h0, h1 = results[0]["helpers"], results[1]["helpers"]
     assert h0["ints"] == h1["ints"] == _sizes(5)
