@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 # Imported before any group forms, on purpose. torch.distributed.nn.functional binds `group=group.WORLD` into ten
-# functions' defaults at its first import, and torch._dynamo imports it (torchvision imports dynamo; fedrun reads
-# its data through torchvision). Imported after the group formed, it holds the default group: destroy_process_group
-# then leaves gloo's threads running, and the interpreter's exit tears them down mid-loop. A rank that had finished
-# its run died of SIGABRT ("terminate called without an active exception") in about one exit in four: 8 of 30
-# two-rank runs of a plain gloo script on a 2-core EPYC, 0 of 30 with this import first; in CI about one test in
-# 700. Imported here the defaults are None, and cleanup() really ends the group's threads (tests/test_dist_teardown).
+# functions' defaults at its first import, and torch._dynamo imports it: dynamo comes in lazily, with the first
+# optimizer a round builds (torch.optim's add_param_group), torchvision (fedrun resizes and reads image folders with
+# it) or torch.compile. Imported after the group formed, it holds the default group:
+# destroy_process_group then leaves gloo's threads running, and the interpreter's exit tears them down mid-loop. A
+# rank that had finished its run died of SIGABRT ("terminate called without an active exception") in about one exit
+# in four: 8 of 30 two-rank runs of a plain gloo script on a 2-core EPYC, 0 of 30 with this import first; in CI
+# about one test in 700. Imported here the defaults are None, and cleanup() ends the group's threads
+# (tests/test_dist_multiproc.py::test_two_ranks).
 import torch.distributed.nn.functional  # noqa: F401, E402
 from torch import Tensor
 from torch.distributed.rendezvous import rendezvous
