@@ -6,6 +6,8 @@ in one run (taking turns, see ``common.time_interleaved``), all from the same we
   project          ``evaluation.sample.sample_images`` as ``fedrun eval`` runs it (``GaussianDiffusion.p_sample_loop``,
                    the UNet in channels_last: ``evaluation.sample.for_sampling``), fp32
   project-bf16     the same under bf16 autocast (``amp=torch.bfloat16``)
+  project-graphs   (CUDA only) ``sample_images(graphs=True)``: the UNet replayed from CUDA graphs
+                   (``evaluation.graphs``), fp32; ``project-bf16-graphs`` the same under bf16 autocast
   diffusers        the loop of diffusers' documentation: ``for t in scheduler.timesteps: eps = model(x, t);
                    x = scheduler.step(eps, t, x).prev_sample`` with ``DDPMScheduler`` (linear betas,
                    ``fixed_small`` variance = the project's posterior variance, no clipping: the same sampler),
@@ -58,13 +60,18 @@ def build(arch: str, device: torch.device) -> nn.Module:
 
 
 def project_sampler(
-    model: nn.Module, steps: int, shape: tuple[int, ...], device: torch.device, amp: torch.dtype | None
+    model: nn.Module,
+    steps: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+    amp: torch.dtype | None,
+    graphs: bool = False,
 ) -> Callable[[], torch.Tensor]:
-    """One batch of ``sample_images`` (seed 0, so batch 0's generator), uint8 [B, C, H, W]."""
+    """One batch of ``sample_images`` (seed 0, so batch 0's generator), uint8 [B, C, H, W]. With ``graphs`` each
+    call captures anew (a graph lives for one ``sample_images`` call), as ``fedrun eval`` would per model."""
     diffusion = GaussianDiffusion(timesteps=steps)
-    return lambda: sample_images(
-        model, diffusion, shape[0], shape[1:], batch_size=shape[0], device=device, seed=0, progress=False, amp=amp
-    )
+    kw = {"batch_size": shape[0], "device": device, "seed": 0, "progress": False, "amp": amp, "graphs": graphs}
+    return lambda: sample_images(model, diffusion, shape[0], shape[1:], **kw)
 
 
 def diffusers_sampler(
@@ -119,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_bf16:
         runners["project-bf16"] = project_sampler(mine, steps, shape, device, bf16)
     skipped = ["the bf16 modes (--no-bf16)"] if args.no_bf16 else []
+    if device.type == "cuda":
+        runners["project-graphs"] = project_sampler(mine, steps, shape, device, None, graphs=True)
+        if not args.no_bf16:
+            runners["project-bf16-graphs"] = project_sampler(mine, steps, shape, device, bf16, graphs=True)
+    else:
+        skipped.append("the CUDA graphs modes (CUDA only)")
     if have_diffusers():
         runners["diffusers"] = diffusers_sampler(model, steps, shape, device, None)
         if not args.no_bf16:
@@ -136,7 +149,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [[name, batch, steps, ips[name], ips[name] / base] for name in runners]
     diff_rows = [
         [a, b, int((samples[a].int() - samples[b].int()).abs().max())]
-        for a, b in (("project", "diffusers"), ("project-bf16", "diffusers-bf16"), ("project", "project-bf16"))
+        for a, b in (
+            ("project", "diffusers"),
+            ("project-bf16", "diffusers-bf16"),
+            ("project", "project-bf16"),
+            ("project", "project-graphs"),
+            ("project-bf16", "project-bf16-graphs"),
+        )
         if a in samples and b in samples
     ]
     targets = []

@@ -22,7 +22,7 @@ run() {  # run SECONDS NAME ARGS...: one benchmark under a time limit; a failure
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/run_gpu.log"
 run 150 step_gpu benchmarks.bench_step --device cuda
 run 60 sync_gpu benchmarks.bench_sync --device cuda
-run 120 sample_gpu benchmarks.bench_sample --device cuda  # eager and bf16 autocast; no CUDA graphs mode yet
+run 150 sample_gpu benchmarks.bench_sample --device cuda  # eager, bf16 autocast, each also from CUDA graphs
 run 240 step_gpu_compile benchmarks.bench_step --device cuda --compile --archs ddpm-unet,diffusers \
   --warmup 5 --iters 20
 exit $status

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from evaluation.errors import EvalError
+from evaluation.graphs import GraphedForward, GraphsUnavailableError, check_graphs
 from evaluation.protocol import DEFAULT_DDIM_STEPS, SAMPLERS, WEIGHT_CHOICES, WEIGHT_KINDS
 from fedrun import dist
 from fedrun.images import image_grid, save_png
@@ -81,6 +82,7 @@ def sample_images(
     distributed: bool | None = None,
     progress: bool = True,
     amp: torch.dtype | None = None,
+    graphs: bool = False,
 ) -> Tensor:
     """``num_samples`` images, uint8 [N, C, H, W] on the CPU, from ``diffusion.sample`` with ``model``.
 
@@ -90,12 +92,18 @@ def sample_images(
     process group (``distributed`` None = use one if initialised) every rank samples its share of the batches
     and all ranks return the full, ordered set (all_gather). The model is put in eval mode for sampling and its
     training flag restored afterwards. ``amp``: autocast dtype of the network (e.g. torch.bfloat16; None = fp32,
-    the protocol's); the chain's own arithmetic stays fp32.
+    the protocol's); the chain's own arithmetic stays fp32. ``graphs``: replay the network from CUDA graphs
+    (``evaluation.graphs``; CUDA only, the same kernels, so the same samples).
     """
     ddim_steps = sampler_steps(sampler, steps)
     if num_samples < 1 or batch_size < 1:
         raise EvalError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
+    if graphs:
+        try:
+            check_graphs(device)
+        except GraphsUnavailableError as e:
+            raise EvalError(str(e)) from None
     rank, world = (dist.rank(), dist.world()) if distributed in (None, True) else (0, 1)
     shape = tuple(int(s) for s in image_shape)
     num_batches = math.ceil(num_samples / batch_size)
@@ -106,7 +114,11 @@ def sample_images(
     was_training = model.training
     model.eval()
     out: list[Tensor] = []
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    # A graph must not read autocast's cached weight casts, which autocast frees on exit (evaluation.graphs).
+    autocast = contextlib.nullcontext()
+    if amp is not None:
+        autocast = torch.autocast(device.type, dtype=amp, cache_enabled=not graphs)
+    net = GraphedForward(model) if graphs else model
     # The progress counts network evaluations, on rank 0 only.
     bar_on = progress and rank == 0 and calls > 0
     with progress_steps(calls, "sampling", unit="step", enabled=bar_on) as bar, autocast:
@@ -115,7 +127,7 @@ def sample_images(
                 n = min(batch_size, num_samples - i * batch_size)
                 g = torch.Generator(device=device).manual_seed(batch_seed(seed, i))
                 x = diffusion.sample(
-                    model,
+                    net,
                     (n, *shape),
                     device,
                     steps=ddim_steps,

@@ -115,6 +115,7 @@ def test_bench_sample(tmp_path):
     doc = run_bench("bench_sample", tmp_path, targets=have)
     modes = {r["mode"] for r in doc["results"]}
     assert {"project", "project-bf16"} <= modes
+    assert "project-graphs" not in modes and "the CUDA graphs modes (CUDA only)" in doc["config"]["skipped"]
     assert ({"diffusers", "diffusers-bf16", "diffusers+cl"} <= modes) == have
     if have:  # both samplers ran the same chain from the same noise (up to rounding)
         assert doc["max_abs_diff"]["project/diffusers"] <= 2

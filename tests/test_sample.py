@@ -11,6 +11,7 @@ from torch import nn
 
 from evaluation import sample as S
 from evaluation.errors import EvalError
+from evaluation.graphs import GraphedForward, GraphsUnavailableError
 from fedrun.methods import get_method
 from fedrun.rundir import RunDir
 from unet import GaussianDiffusion
@@ -43,6 +44,16 @@ def test_shapes_range_and_uneven_last_batch():
     assert x.shape == (5, 1, 12, 12) and x.dtype == torch.uint8 and x.device.type == "cpu"
     assert x.min() >= 0 and x.max() <= 255 and x.float().std() > 0
     assert net.calls == 3 * 4  # 3 batches (2, 2, 1) x 4 DDIM steps
+
+
+def test_cuda_graphs_on_a_cpu_are_one_line_before_any_step():
+    net = CountingNet()
+    with pytest.raises(EvalError, match=r"invalid device=cpu for CUDA graphs: allowed: a CUDA device") as e:
+        S.sample_images(net, _diffusion(), 2, (1, 8, 8), sampler="ddim", steps=2, batch_size=2, graphs=True)
+    assert "\n" not in str(e.value) and net.calls == 0
+    with pytest.raises(GraphsUnavailableError, match="device=cpu"):
+        GraphedForward(net)(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert net.calls == 0
 
 
 def test_ddpm_runs_all_T_steps_and_ddim_the_chosen_number():
