@@ -103,6 +103,11 @@ def _register_eval(sub: argparse._SubParsersAction) -> None:
         "needed, e.g. on a GPU node); score: score those saved samples (e.g. on another machine)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=250, help="sampling batch size per rank")
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the network from CUDA graphs while sampling (CUDA only; the same kernels, the same samples)",
+    )
     p.add_argument("--fid-batch-size", type=_positive_int, default=50, help="Inception batch size")
     _add_scoring_arguments(p, "auto, cpu, cuda (under torchrun: each rank its GPU)", "the run's data.root")
     p.add_argument(
@@ -223,6 +228,7 @@ def run_eval(args: argparse.Namespace) -> int:
             fid_batch_size=args.fid_batch_size,
             stage=args.stage,
             ref_num=args.ref_num,
+            graphs=args.cuda_graphs,
         )
         dist.leave()
     except EvalError as e:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from evaluation.errors import EvalError
 from evaluation.fid import Reference
+from evaluation.graphs import check_graphs
 from evaluation.inception import find_inception_weights, inception_features
 from evaluation.metrics import score_features
 from evaluation.protocol import (
@@ -175,7 +176,7 @@ def prepare_reference(
     return stats
 
 
-def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) -> Tensor | None:
+def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool, graphs: bool) -> Tensor | None:
     """One model's uint8 samples: loaded (saved samples, rank 0 only) or drawn (spread over every rank)."""
     if plan.saved:
         return load_images_npz(path) if dist.rank() == 0 else None
@@ -193,6 +194,7 @@ def _samples_of(plan: Plan, path: Path, device: torch.device, progress: bool) ->
         device=device,
         seed=p.seed,
         progress=progress,
+        graphs=graphs,
     )
 
 
@@ -204,16 +206,18 @@ def evaluate_models(
     progress: bool,
     batch_size: int = 50,
     weights: str | os.PathLike[str] | None = None,
+    graphs: bool = False,
 ) -> Outcome:
-    """Sample (or load) and score every model in turn (``batch_size``, ``weights``: Inception's). Every model is
-    sampled with the same seed (same noise), so raw vs EMA and client vs client differ only by the weights."""
+    """Sample (or load) and score every model in turn (``batch_size``, ``weights``: Inception's; ``graphs``: sample
+    from CUDA graphs). Every model is sampled with the same seed (same noise), so raw vs EMA and client vs client
+    differ only by the weights."""
     out = Outcome(no_kid=ref.no_kid if ref is not None else "")
     pool = get_method(plan.cfg.federation.method).personalised
     for kind, entries in plan.files.items():
         out.mean_pixels[kind] = {}
         features = []
         for label, path in entries:
-            x = _samples_of(plan, path, device, progress)
+            x = _samples_of(plan, path, device, progress, graphs)
             if dist.rank() != 0:
                 continue
             if not plan.saved and (write or not plan.score):
@@ -259,6 +263,7 @@ def evaluate_run(
     write: bool = True,
     stage: str = "all",
     ref_num: int | None = None,
+    graphs: bool = False,
 ) -> dict[str, Any]:
     """Sample every model of a finished run, score FID and KID, write fid.json, TensorBoard scalars and samples.
 
@@ -274,7 +279,8 @@ def evaluate_run(
     dataset split; None = the run dataset's test split (statistics cached in fedrun's cache directory).
     ``ref_num``: only the first N images of a reference that is not a statistics file (a quicker reference,
     cached apart; fid.json names it). With an initialised process group, sampling is spread over the ranks,
-    rank 0 scores and writes, and every rank returns rank 0's result.
+    rank 0 scores and writes, and every rank returns rank 0's result. ``graphs``: sample from CUDA graphs
+    (``evaluation.graphs``; CUDA only).
     """
     p = plan_evaluation(RunDir(run_dir), stage, num_samples, sampler, steps, weights, seed, batch_size)
     ref = (ref or default_reference(p.cfg)) if p.score else None
@@ -282,12 +288,14 @@ def evaluate_run(
         parse_source(ref)  # a bad --ref fails before anything is computed,
         find_inception_weights(inception_weights)  # as does a missing weights file
     dev = dist.pick_device(device)
+    if graphs and not p.saved:  # before the reference: a CPU run fails at once
+        check_graphs(dev)
     sink = rank_sink(dist.rank() == 0)
     fid_kw = {"batch_size": fid_batch_size, "weights": inception_weights}
     ref_feats = (
         prepare_reference(p, ref, data_root, dev, sink, progress=progress, limit=ref_num, **fid_kw) if p.score else None
     )
-    outcome = evaluate_models(p, ref_feats, dev, write, progress, **fid_kw)
+    outcome = evaluate_models(p, ref_feats, dev, write, progress, graphs=graphs, **fid_kw)
     if p.score and ref_num and parse_source(ref).kind != "stats":
         ref = f"{ref} (first {ref_num} images)"  # fid.json says which reference: a part scores differently
     out = None

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from evaluation.errors import EvalError
+
 WARMUP = 3
 """Eager calls on a side stream before a capture (cuDNN / cuBLAS pick and cache their algorithms there)."""
 
 
-class GraphsUnavailableError(RuntimeError):
-    """CUDA graphs were asked for where there is no CUDA device."""
+class GraphsUnavailableError(EvalError):
+    """CUDA graphs were asked for where there is no CUDA device (one line; ``fedrun eval`` exits 2)."""
 
 
 def check_graphs(device: torch.device) -> None:

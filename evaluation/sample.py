@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from evaluation.errors import EvalError
-from evaluation.graphs import GraphedForward, GraphsUnavailableError, check_graphs
+from evaluation.graphs import GraphedForward, check_graphs
 from evaluation.protocol import DEFAULT_DDIM_STEPS, SAMPLERS, WEIGHT_CHOICES, WEIGHT_KINDS
 from fedrun import dist
 from fedrun.images import image_grid, save_png
@@ -100,10 +100,7 @@ def sample_images(
         raise EvalError(f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}")
     device = torch.device(device)
     if graphs:
-        try:
-            check_graphs(device)
-        except GraphsUnavailableError as e:
-            raise EvalError(str(e)) from None
+        check_graphs(device)
     rank, world = (dist.rank(), dist.world()) if distributed in (None, True) else (0, 1)
     shape = tuple(int(s) for s in image_shape)
     num_batches = math.ceil(num_samples / batch_size)

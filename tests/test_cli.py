@@ -93,9 +93,11 @@ def test_slurm_commands_run_the_cli_training_entry():
 
 
 @pytest.mark.parametrize("fid_every", [0, 2])
-def test_train_entry_passes_the_fid_scorer_only_when_asked(fid_every, monkeypatch, tmp_path):
+def test_train_entry_passes_the_fid_scorer_only_when_asked(fid_every, monkeypatch, tmp_path, torch_home):
     import evaluation.scoring
     import fedrun.train
+
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))  # fid_every: the weights are looked for before training
 
     calls = []
     monkeypatch.setattr(

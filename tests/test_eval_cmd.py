@@ -276,7 +276,10 @@ def test_eval_errors_are_one_line(tmp_path, capsys, monkeypatch, torch_home):
     assert "not an image folder" in capsys.readouterr().err
     assert fedrun_main(["eval", str(run), "--steps", "5", "--device", "cpu"]) == 2  # ddpm takes no --steps
     assert "ddim" in capsys.readouterr().err
-    assert not (run / "fid.json").exists()
+    assert fedrun_main(["eval", str(run), "--cuda-graphs", "--device", "cpu"]) == 2  # before the reference
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid device=cpu for CUDA graphs: allowed: a CUDA device" in err
+    assert not (run / "fid.json").exists() and not list(run.glob("eval/*.npz"))
 
 
 @pytest.fixture(scope="module")
