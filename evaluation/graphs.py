@@ -59,7 +59,8 @@ class GraphedForward:
         self._pool = None
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        key = (x.shape, x.dtype, x.stride(), t.shape, t.dtype, torch.is_autocast_enabled("cuda"))
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = (x.shape, x.dtype, x.stride(), t.shape, t.dtype, autocast)
         cap = self._graphs.get(key)
         if cap is None:
             cap = self._graphs[key] = self._capture(x, t)
