@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_step import optimised
 from benchmarks.common import (
     Target,
     base_parser,
@@ -27,6 +26,7 @@ from benchmarks.common import (
     report,
     time_interleaved,
 )
+from benchmarks.steps import optimised
 from fedrun.precision import amp_choice
 from unet import GaussianDiffusion, create_model
 

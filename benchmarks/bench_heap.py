@@ -50,7 +50,7 @@ def _workload(name: str, quick: bool) -> Callable[[], object]:
         return lambda: inception_features(images, progress=False)
     model = create_model("paper-unet", image_size=size, channels=1, dim_mults=(1, 2) if quick else (1, 2, 4))
     if name == "train":
-        from benchmarks.bench_step import optimised
+        from benchmarks.steps import optimised
 
         images = torch.randint(0, 256, (8 * batch, 1, size, size), dtype=torch.uint8)
         diffusion, cpu = GaussianDiffusion(loss="huber"), torch.device("cpu")
