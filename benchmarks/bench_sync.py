@@ -16,6 +16,7 @@ packed sync in a one-rank group (pack and copy back: everything but the collecti
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
@@ -53,6 +54,23 @@ def _timed(fn, device: torch.device, inner: int = 1) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) / inner
+
+
+def _time_turns(ops: dict, device: torch.device, warmup: int, repeats: int, inner: int, world: int) -> dict:
+    """Seconds per call of each op, per repeat, on the slower rank (which decides how long a collective step
+    takes). Each timing is ``inner`` calls in a row (the barrier's own jitter spread over them); the order of
+    the operations rotates from repeat to repeat, so none always runs right after the same other."""
+    for _ in range(warmup):
+        for fn in ops.values():
+            _timed(fn, device)
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    names = list(ops)
+    for i in range(repeats):
+        for k in names[i % len(names) :] + names[: i % len(names)]:
+            times[k].append(_timed(ops[k], device, inner))
+    gathered: list[Any] = [None] * world
+    tdist.all_gather_object(gathered, times)
+    return {k: [max(g[k][i] for g in gathered) for i in range(repeats)] for k in ops}
 
 
 def worker(
@@ -106,20 +124,7 @@ def worker(
                 "flat": lambda: tdist.all_reduce(flat),  # noqa: B023
                 "local": lambda: local.sync(local_plan, {0: copy}),  # noqa: B023
             }
-            for _ in range(warmup):
-                for fn in ops.values():
-                    _timed(fn, device)
-            # Each timing is `inner` calls in a row (the barrier's own jitter spread over them); the order of
-            # the operations rotates from repeat to repeat, so none always runs right after the same other.
-            times: dict[str, list[float]] = {k: [] for k in ops}
-            names = list(ops)
-            for i in range(repeats):
-                for k in names[i % len(names) :] + names[: i % len(names)]:
-                    times[k].append(_timed(ops[k], device, inner))
-            # The slower rank decides how long a collective step takes.
-            gathered: list[Any] = [None] * world
-            tdist.all_gather_object(gathered, times)
-            worst = {k: [max(g[k][i] for g in gathered) for i in range(repeats)] for k in ops}
+            worst = _time_turns(ops, device, warmup, repeats, inner, world)
             med = {k: median(worst[k]) for k in ops}
             rows.append(
                 {
@@ -170,7 +175,7 @@ def on_device(arch: str, rows: list[dict], device: torch.device, warmup: int, re
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="paper-unet", choices=tuple(SHAPES))
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,usplit,...")
@@ -184,8 +189,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=DEFAULT_BUCKET_BYTES / 2**20,
         help=f"Exchange bucket size in MiB (default {DEFAULT_BUCKET_BYTES / 2**20:g}); 0 = one bucket",
     )
-    args = parse_args(p, argv)
+    return p
 
+
+SYNC_HEADERS = [
+    "method",
+    "exchange",
+    "bytes",
+    "buckets",
+    "in place ms",
+    "flat all-reduce ms",
+    "ratio",
+    "packed ms",
+    "packed ratio",
+    "local ms",
+]
+
+
+def sync_row(r: dict) -> list[Any]:
+    ms = {k: 1e3 * r[f"{k}_median_s"] for k in ("in_place", "flat", "packed", "local")}
+    return [
+        r["method"],
+        r["exchange_dtype"],
+        r["bytes"],
+        r["collectives"],
+        ms["in_place"],
+        ms["flat"],
+        r["ratio"],
+        ms["packed"],
+        r["packed_ratio"],
+        ms["local"],
+    ]
+
+
+def on_device_table(local: list[dict], gpu: torch.device):
+    return (
+        f"Packed Exchange.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
+        "back) vs one device copy of the same bytes",
+        ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
+        [
+            [
+                r["method"],
+                r["exchange_dtype"],
+                r["bytes"],
+                1e3 * r["sync_median_s"],
+                1e3 * r["copy_median_s"],
+                r["ratio"],
+            ]
+            for r in local
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser()
+    args = parse_args(p, argv)
     device = pick_device(args.device)
     gpu = device if device.type == "cuda" else None
     note = ""
@@ -202,26 +260,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"unknown exchange dtype {d!r}; allowed: {', '.join(EXCHANGE_DTYPES)}")
     repeats = args.repeats or (2 if args.quick else 20)
     warmup = args.warmup or (1 if args.quick else 3)
-
     bucket_bytes = int(args.bucket_mb * 2**20) or None
     inner = args.inner or (1 if args.quick else 5)
     out = spawn_ranks(worker, 2, device.type, args.arch, methods, dtypes, warmup, repeats, bucket_bytes, inner)
     rows = out["rows"]
-    table = [
-        [
-            r["method"],
-            r["exchange_dtype"],
-            r["bytes"],
-            r["collectives"],
-            1e3 * r["in_place_median_s"],
-            1e3 * r["flat_median_s"],
-            r["ratio"],
-            1e3 * r["packed_median_s"],
-            r["packed_ratio"],
-            1e3 * r["local_median_s"],
-        ]
-        for r in rows
-    ]
     # int8 has no target here: on one host the wire is nearly free and its quantising is what it costs.
     targets = [
         check(
@@ -257,40 +299,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "ratios": {f"{r['method']}/{r['exchange_dtype']}": r["ratio"] for r in rows},
     }
-    headers = [
-        "method",
-        "exchange",
-        "bytes",
-        "buckets",
-        "in place ms",
-        "flat all-reduce ms",
-        "ratio",
-        "packed ms",
-        "packed ratio",
-        "local ms",
-    ]
-    tables = [(title, headers, table)]
+    tables = [(title, SYNC_HEADERS, [sync_row(r) for r in rows])]
     if gpu is not None:
-        local = on_device(args.arch, rows, gpu, warmup, repeats)
-        payload["on_device"] = local
-        tables.append(
-            (
-                f"Packed Exchange.sync with no peer on {torch.cuda.get_device_name(gpu)} (pack and copy "
-                "back) vs one device copy of the same bytes",
-                ["method", "exchange", "bytes", "sync ms", "copy ms", "ratio"],
-                [
-                    [
-                        r["method"],
-                        r["exchange_dtype"],
-                        r["bytes"],
-                        1e3 * r["sync_median_s"],
-                        1e3 * r["copy_median_s"],
-                        r["ratio"],
-                    ]
-                    for r in local
-                ],
-            )
-        )
+        payload["on_device"] = local = on_device(args.arch, rows, gpu, warmup, repeats)
+        tables.append(on_device_table(local, gpu))
     info = device_info(gpu if gpu is not None else device)
     return report("bench_sync", info, tables, targets, payload, args.json)
 
