@@ -28,6 +28,7 @@ diffusers is a bench extra: ``pip install -e '.[bench]'``; without it only the p
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from typing import Any
 
@@ -101,7 +102,7 @@ def diffusers_sampler(
     return run
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="paper-unet", choices=tuple(ARCHS), help="the UNet both samplers drive")
     p.add_argument("--batch", type=int, help="images per batch (default: 32 on CPU, 250 on GPU: fedrun eval's)")
@@ -109,16 +110,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, help="timed repeats per mode, taking turns (median reported)")
     p.add_argument("--no-cl", action="store_true", help="skip the diffusers loop with a channels_last UNet")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 modes (a CPU without native bf16 emulates it)")
-    args = parse_args(p, argv)
+    return p
 
-    device = pick_device(args.device)
-    if device.type == "cpu" and not args.threads:
-        torch.set_num_threads(1)  # as bench_step: ratios, not the machine's best, and steady on a busy box
-    batch, steps = QUICK if args.quick else (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)[args.arch]
-    batch, steps = args.batch or batch, args.steps or steps
-    repeats = args.repeats or (1 if args.quick else 3)
-    size, channels = ARCHS[args.arch]
-    shape = (batch, channels, size, size)
+
+def samplers(args: argparse.Namespace, device: torch.device, steps: int, shape: tuple[int, ...]):
+    """The modes to time, by name, and what was skipped and why."""
     bf16 = torch.bfloat16
     model = build(args.arch, device)
     mine = for_sampling(build(args.arch, device))  # the same weights, laid out as fedrun eval samples them
@@ -141,6 +137,49 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runners["diffusers+cl"] = diffusers_sampler(cl, steps, shape, device, None)
     else:
         skipped.append("diffusers (not installed: pip install -e '.[bench]')")
+    return runners, skipped
+
+
+# Pairs of modes whose samples should agree (the same chain), when both ran.
+SAME_CHAIN = (
+    ("project", "diffusers"),
+    ("project-bf16", "diffusers-bf16"),
+    ("project", "project-bf16"),
+    ("project", "project-graphs"),
+    ("project-bf16", "project-bf16-graphs"),
+)
+
+
+def sample_targets(ips: dict[str, float]) -> list[Any]:
+    if "diffusers" not in ips:
+        return []
+    out = [
+        check(f"{mine} / {theirs} (img x steps / s, same precision)", ips[mine] / ips[theirs], ">=", TARGET)
+        for mine, theirs in (("project", "diffusers"), ("project-bf16", "diffusers-bf16"))
+        if mine in ips
+    ]
+    out.append(
+        check(
+            "fastest project mode / fastest diffusers mode",
+            max(v for k, v in ips.items() if k.startswith("project"))
+            / max(v for k, v in ips.items() if k.startswith("diffusers")),
+            ">=",
+            TARGET,
+        )
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(parser(), argv)
+    device = pick_device(args.device)
+    if device.type == "cpu" and not args.threads:
+        torch.set_num_threads(1)  # as bench_step: ratios, not the machine's best, and steady on a busy box
+    batch, steps = QUICK if args.quick else (GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)[args.arch]
+    batch, steps = args.batch or batch, args.steps or steps
+    repeats = args.repeats or (1 if args.quick else 3)
+    size, channels = ARCHS[args.arch]
+    runners, skipped = samplers(args, device, steps, (batch, channels, size, size))
 
     samples = {name: fn() for name, fn in runners.items()}  # warmup, and the samples compared below
     seconds = time_interleaved(runners, repeats, device)
@@ -149,32 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [[name, batch, steps, ips[name], ips[name] / base] for name in runners]
     diff_rows = [
         [a, b, int((samples[a].int() - samples[b].int()).abs().max())]
-        for a, b in (
-            ("project", "diffusers"),
-            ("project-bf16", "diffusers-bf16"),
-            ("project", "project-bf16"),
-            ("project", "project-graphs"),
-            ("project-bf16", "project-bf16-graphs"),
-        )
+        for a, b in SAME_CHAIN
         if a in samples and b in samples
     ]
-    targets = []
-    if "diffusers" in ips:
-        for mine, theirs in (("project", "diffusers"), ("project-bf16", "diffusers-bf16")):
-            if mine not in ips:
-                continue
-            targets.append(
-                check(f"{mine} / {theirs} (img x steps / s, same precision)", ips[mine] / ips[theirs], ">=", TARGET)
-            )
-        targets.append(
-            check(
-                "fastest project mode / fastest diffusers mode",
-                max(v for k, v in ips.items() if k.startswith("project"))
-                / max(v for k, v in ips.items() if k.startswith("diffusers")),
-                ">=",
-                TARGET,
-            )
-        )
     tables = [
         (
             f"DDPM sampling on {device}: {args.arch}, {steps}-step chain, median of {repeats} repeats "
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": {n: ips[n] / base for n in runners},
         "max_abs_diff": {f"{a}/{b}": d for a, b, d in diff_rows},
     }
-    return report("bench_sample", device_info(device), tables, targets, payload, args.json)
+    return report("bench_sample", device_info(device), tables, sample_targets(ips), payload, args.json)
 
 
 if __name__ == "__main__":
