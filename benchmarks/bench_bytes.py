@@ -92,6 +92,39 @@ def worker(ctx, arch: str) -> dict[str, dict[str, list[int]]]:
     return out
 
 
+HEADERS = [
+    "model",
+    "method",
+    "exchange",
+    "bytes/round",
+    "ratio",
+    "first round",
+    "run ratio",
+    "measured (sync)",
+    "match",
+]
+
+
+def bytes_row(arch: str, r: dict[str, Any], measured: dict | None) -> list[Any]:
+    """The table's row of one method x exchange dtype; with ``measured`` (real syncs' bytes), ``r`` gets the
+    measured bytes and whether they match the computed ones."""
+    if measured is not None:
+        first, second = measured[r["exchange_dtype"]][r["method"]]
+        r["measured_first_bytes"], r["measured_steady_bytes"] = first, second
+        r["match"] = first == r["first_round_bytes"] and second == r["steady_bytes"]
+    return [
+        arch,
+        r["method"],
+        r["exchange_dtype"],
+        r["steady_bytes"],
+        r["ratio_vs_full_fp32"],
+        r["first_round_bytes"],
+        r["run_ratio_vs_full_fp32"],
+        r.get("measured_steady_bytes", "-"),
+        {True: "yes", False: "NO"}.get(r.get("match"), "-"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="paper-unet,ddpm-unet", help="comma-separated: paper-unet, ddpm-unet")
@@ -109,23 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         arch_rows = computed(arch, clients, args.rounds)
         measured = None if args.no_sync else spawn_ranks(worker, 2, "cpu", arch)
         for r in arch_rows:
-            if measured is not None:
-                first, second = measured[r["exchange_dtype"]][r["method"]]
-                r["measured_first_bytes"], r["measured_steady_bytes"] = first, second
-                r["match"] = first == r["first_round_bytes"] and second == r["steady_bytes"]
-            table.append(
-                [
-                    arch,
-                    r["method"],
-                    r["exchange_dtype"],
-                    r["steady_bytes"],
-                    r["ratio_vs_full_fp32"],
-                    r["first_round_bytes"],
-                    r["run_ratio_vs_full_fp32"],
-                    r.get("measured_steady_bytes", "-"),
-                    {True: "yes", False: "NO"}.get(r.get("match"), "-"),
-                ]
-            )
+            table.append(bytes_row(arch, r, measured))
             # The ISSUE's UDec targets are about the paper's UNet: in Ho et al.'s UNet the decoder alone
             # holds ~62% of the parameters, so no exchange of it can reach them (shown in the table).
             if r["method"] == "udec" and arch == "paper-unet":
@@ -155,17 +172,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Bytes handed to one rank's all-reduce per round, relative to FULL fp32 ({clients} ranks; "
         f"run = {args.rounds} rounds, bf16's and int8's first sync in fp32)"
     )
-    headers = [
-        "model",
-        "method",
-        "exchange",
-        "bytes/round",
-        "ratio",
-        "first round",
-        "run ratio",
-        "measured (sync)",
-        "match",
-    ]
     payload = {
         "config": {
             "archs": archs,
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": {f"{r['arch']}/{r['method']}/{r['exchange_dtype']}": r["ratio_vs_full_fp32"] for r in rows},
     }
     info = device_info(torch.device("cpu"))
-    return report("bench_bytes", info, [(title, headers, table)], targets, payload, args.json)
+    return report("bench_bytes", info, [(title, HEADERS, table)], targets, payload, args.json)
 
 
 if __name__ == "__main__":
