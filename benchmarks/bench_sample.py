@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import base_parser, check, device_info, median, parse_args, pick_device, report, time_interleaved
+from benchmarks.steps import have_diffusers
 from evaluation.sample import for_sampling, sample_images
 from unet import GaussianDiffusion, create_model
 
@@ -44,14 +45,6 @@ CPU_DEFAULTS = {"paper-unet": (32, 10), "ddpm-unet": (4, 5)}  # (batch, steps)
 GPU_DEFAULTS = {"paper-unet": (250, 100), "ddpm-unet": (250, 50)}
 QUICK = (2, 3)
 TARGET = 1.5  # the ISSUE: the project's sampler >= 1.5x the diffusers loop
-
-
-def have_diffusers() -> bool:
-    try:
-        import diffusers  # noqa: F401
-    except Exception:  # ImportError, or a diffusers that does not import with this torch
-        return False
-    return True
 
 
 def build(arch: str, device: torch.device) -> nn.Module:

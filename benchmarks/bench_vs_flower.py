@@ -179,24 +179,14 @@ def _flower_client(cfg, cid: int):
     return _CLIENTS[cid]
 
 
-def flower_job(config_path: str, out_path: str) -> None:
-    """The Flower side, run in its own process: ``python -m benchmarks.bench_vs_flower --flower-job CFG OUT``."""
-    import numpy as np
+def _flower_apps(cfg, initial: list, log: dict[str, Any]):
+    """Flower's ServerApp (FedAvg, timed) and ClientApp (fedrun's trainer in ``fit``) for the job ``cfg``;
+    the strategy writes round ends, training times, bytes and the final parameters into ``log``."""
     import torch
     from flwr.client import ClientApp, NumPyClient
-    from flwr.common import ConfigRecord, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import ConfigRecord, ndarrays_to_parameters
     from flwr.server import ServerApp, ServerAppComponents, ServerConfig
     from flwr.server.strategy import FedAvg
-    from flwr.simulation import run_simulation
-
-    from fedrun.build import build_model
-    from fedrun.client import derive_seed
-    from fedrun.config import RunConfig
-
-    cfg = RunConfig.from_json(Path(config_path).read_text())
-    torch.manual_seed(derive_seed(cfg.federation.seed, 0))
-    initial = [p.detach().contiguous().numpy().copy() for p in build_model(cfg).parameters()]
-    log: dict[str, Any] = {"round_ends": [], "train_s": [], "bytes": [], "final": None}
 
     class Client(NumPyClient):
         def __init__(self, cid: int, node_state) -> None:
@@ -251,9 +241,28 @@ def flower_job(config_path: str, out_path: str) -> None:
     def client_fn(context):
         return Client(int(context.node_config["partition-id"]), context.state).to_client()
 
+    return ServerApp(server_fn=server_fn), ClientApp(client_fn=client_fn)
+
+
+def flower_job(config_path: str, out_path: str) -> None:
+    """The Flower side, run in its own process: ``python -m benchmarks.bench_vs_flower --flower-job CFG OUT``."""
+    import numpy as np
+    import torch
+    from flwr.common import parameters_to_ndarrays
+    from flwr.simulation import run_simulation
+
+    from fedrun.build import build_model
+    from fedrun.client import derive_seed
+    from fedrun.config import RunConfig
+
+    cfg = RunConfig.from_json(Path(config_path).read_text())
+    torch.manual_seed(derive_seed(cfg.federation.seed, 0))
+    initial = [p.detach().contiguous().numpy().copy() for p in build_model(cfg).parameters()]
+    log: dict[str, Any] = {"round_ends": [], "train_s": [], "bytes": [], "final": None}
+    server, client = _flower_apps(cfg, initial, log)
     run_simulation(
-        ServerApp(server_fn=server_fn),
-        ClientApp(client_fn=client_fn),
+        server,
+        client,
         num_supernodes=cfg.federation.clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
