@@ -214,7 +214,7 @@ def test_divergence_stops_without_done_and_keeps_the_last_good_checkpoint(
 
 
 def test_lr_inf_fails_with_one_line_and_the_corrected_retry_starts_anew(repo_root, fmnist_root, tmp_path):
-    from test_train_e2e import _env
+    from cli_subprocess import env_without_launcher
 
     base = [
         sys.executable,
@@ -235,12 +235,12 @@ def test_lr_inf_fails_with_one_line_and_the_corrected_retry_starts_anew(repo_roo
         "1",
     ]
     p = subprocess.run(
-        [*base, "--lr", "inf"], cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=400
+        [*base, "--lr", "inf"], cwd=repo_root, env=env_without_launcher(), capture_output=True, text=True, timeout=400
     )
     assert p.returncode == 1, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "fedrun: error: training diverged in round 1" in p.stderr
     assert not (tmp_path / "inf" / "DONE").exists()
-    p = subprocess.run(base, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=400)
+    p = subprocess.run(base, cwd=repo_root, env=env_without_launcher(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "inf" / "DONE").exists()
 

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import torch
+from cli_subprocess import assert_bit_identical, load_models
 from netns import IFNAME, Host, NamespacesUnavailable, two_hosts
 from netns_slurm import Cluster, ClusterError, two_node_cluster
 
@@ -80,18 +80,6 @@ def torchrun(max_restarts: int = 0, nodes: int = 2, rdzv_id: str = "") -> list[s
             f"--rdzv_id={rdzv_id}",
         ]
     return [sys.executable, "-m", "torch.distributed.run", *launch, f"--max-restarts={max_restarts}"]
-
-
-def load_models(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: torch.load(p, weights_only=True) for p in sorted((run_dir / "models").glob("*.pt"))}
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert a[f].keys() == b[f].keys()
-        different = [n for n in a[f] if not torch.equal(a[f][n], b[f][n])]
-        assert not different, f"{f}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
 class Job:

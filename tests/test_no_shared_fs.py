@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_subprocess import TINY, assert_bit_identical, load_models, run_fedrun
 from sites import run_sites
-from test_train_e2e import TINY, assert_bit_identical, load_models, run_fedrun
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.multiproc]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bad_inputs import _rank_env, fedrun, free_port, one_error_line
-from test_train_e2e import TINY, load_models, run_fedrun
+from cli_subprocess import TINY, fedrun, load_models, one_error_line, rank_env, run_fedrun
+from multiproc import free_port
 
 from fedrun.comm import read_comm_log
 from fedrun.rundir import RunDir
@@ -118,7 +118,7 @@ def test_bad_privacy_combinations_are_one_line_before_the_process_group(tmp_path
         "--set",
         "dist_timeout_s=300",
         timeout=120,
-        **_rank_env(0, 2, free_port()),
+        **rank_env(0, 2, free_port()),
     )
     one_error_line(p, 2, *needles)
     assert sorted(tmp_path.iterdir()) == []

@@ -15,59 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_subprocess import TINY, assert_bit_identical, env_without_launcher, load_models, run_fedrun
 
 from fedrun.comm import read_comm_log
 from fedrun.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(600)
-
-TINY = ["--preset", "tiny", "--seed", "7"]
-
-
-def _env(repo_root: Path) -> dict:
-    # A run of its own: no process-group variables inherited from the test process.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env["PYTHONPATH"] = str(repo_root) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def run_fedrun(repo_root, args, nproc=1, max_restarts=0, check=True, timeout=400):
-    if nproc == 1 and max_restarts == 0:
-        cmd = [sys.executable, "-m", "fedrun", "train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            f"--max-restarts={max_restarts}",
-            "-m",
-            "fedrun",
-            "train",
-            *args,
-        ]
-    p = subprocess.run(cmd, cwd=repo_root, env=_env(repo_root), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def load_models(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: torch.load(p, weights_only=True) for p in sorted((run_dir / "models").glob("*.pt"))}
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for f in a:
-        assert a[f].keys() == b[f].keys()
-        for n in a[f]:
-            assert torch.equal(a[f][n], b[f][n]), f"{f}:{n} differs"
 
 
 def test_single_process_run_writes_everything(repo_root, fmnist_root, tmp_path):
@@ -284,7 +237,7 @@ def test_kill_9_of_a_rank_restarts_and_finishes_identically(repo_root, tmp_path,
         "dist_timeout_s=60",
     ]
     proc = subprocess.Popen(
-        cmd, cwd=repo_root, env=_env(repo_root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=repo_root, env=env_without_launcher(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.time() + 300
@@ -302,105 +255,3 @@ def test_kill_9_of_a_rank_restarts_and_finishes_identically(repo_root, tmp_path,
     assert proc.returncode == 0, err[-4000:]
     assert "resuming" in err, err[-3000:]
     assert_bit_identical(ref, load_models(run))
-
-
-@pytest.mark.slow
-def test_fid_during_training_is_logged(repo_root, fmnist_root, torch_home, fid_stats_path, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    env_home = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(torch_home)
-    try:
-        p = run_fedrun(
-            repo_root,
-            [
-                *TINY,
-                "--data-root",
-                str(fmnist_root),
-                "--out-dir",
-                str(tmp_path),
-                "--name",
-                "f",
-                "--method",
-                "udec",
-                "--set",
-                "fid_every=2",
-                "--set",
-                "fid_samples=4",
-                "--set",
-                f"fid_ref={fid_stats_path}",
-            ],
-        )
-    finally:
-        if env_home is None:
-            os.environ.pop("TORCH_HOME")
-        else:
-            os.environ["TORCH_HOME"] = env_home
-    assert "round 2: FID" in p.stderr
-    acc = EventAccumulator(str(RunDir(tmp_path / "f").tb))
-    acc.Reload()
-    tags = set(acc.Tags()["scalars"])
-    assert {"fid/train", "fid/train/client0", "fid/train/client1"} <= tags
-    assert [e.step for e in acc.Scalars("fid/train")] == [2]
-    assert acc.Scalars("fid/train")[0].value > 0
-
-
-@pytest.mark.multiproc
-def test_fewer_clients_than_ranks_is_a_clear_error(repo_root, fmnist_root, tmp_path):
-    p = run_fedrun(
-        repo_root,
-        [*TINY, "--data-root", str(fmnist_root), "--out-dir", str(tmp_path), "--clients", "1"],
-        nproc=2,
-        check=False,
-        timeout=200,
-    )
-    assert p.returncode != 0
-    assert "invalid federation.clients=1: fewer clients than the 2 ranks" in p.stderr
-
-
-def _tiny_config(fmnist_root, out_dir, **overrides):
-    from fedrun.config import apply_overrides
-    from fedrun.presets import get_preset
-
-    return apply_overrides(
-        get_preset("tiny"), {"federation.seed": 7, "data.root": str(fmnist_root), "out_dir": str(out_dir), **overrides}
-    )
-
-
-def test_fid_during_training_calls_the_factory_once_and_scores_every_model(fmnist_root, tmp_path, capsys):
-    """In process, with a stand-in scorer: what train() does with the factory the CLI passes."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from fedrun.train import train
-
-    cfg = _tiny_config(fmnist_root, tmp_path, name="h", **{"federation.method": "udec", "fid_every": 1})
-    made, seeds = [], []
-
-    def factory(got_cfg, device, cache_dir):
-        made.append((got_cfg.name, device.type, cache_dir))
-
-        def score(model, diffusion, seed):
-            assert not model.training
-            seeds.append(seed)
-            return 10.0 + len(seeds)
-
-        return score
-
-    run_dir = train(cfg, scorer_factory=factory)
-    assert made == [("h", "cpu", run_dir / "eval")]  # once per rank that scores
-    assert len(seeds) == 4 and seeds[:2] == seeds[2:] and seeds[0] != seeds[1]  # 2 clients x 2 rounds
-    err = capsys.readouterr().err
-    assert "fedrun: round 1: FID 11.50 (2 model(s)" in err and "round 2: FID 13.50" in err
-    acc = EventAccumulator(str(RunDir(run_dir).tb))
-    acc.Reload()
-    assert [e.value for e in acc.Scalars("fid/train/client1")] == [12.0, 14.0]
-    assert [e.step for e in acc.Scalars("fid/train")] == [1, 2]
-
-
-def test_fid_during_training_without_a_scorer_is_a_clear_error(fmnist_root, tmp_path):
-    from fedrun.config import ConfigError
-    from fedrun.train import train
-
-    with pytest.raises(ConfigError, match="FID during training needs the `fedrun train` CLI"):
-        train(_tiny_config(fmnist_root, tmp_path, name="n", fid_every=2))
-    assert not (tmp_path / "n").exists()  # refused before anything is written

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_e2e import TINY, assert_bit_identical, load_models, run_fedrun
+from cli_subprocess import TINY, assert_bit_identical, load_models, run_fedrun
 
 from fedrun.checkpoint import round_dir, safe_load, shared_file
 from fedrun.comm import read_comm_log

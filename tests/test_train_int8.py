@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_train_e2e import TINY, assert_bit_identical, load_models, run_fedrun
+from cli_subprocess import TINY, assert_bit_identical, load_models, run_fedrun
 
 from fedrun import checkpoint as ckpt
 from fedrun.build import build_model
