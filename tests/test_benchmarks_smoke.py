@@ -122,6 +122,18 @@ def test_bench_sample(tmp_path):
         assert len(doc["targets"]) == 3
 
 
+def test_bench_sample_as_run(tmp_path):
+    pytest.importorskip("diffusers", reason="the bench extra is optional: this benchmark compares against its loop")
+    doc = run_bench("bench_sample_as_run", tmp_path)
+    by_mode = {r["mode"]: r for r in doc["results"]}
+    assert set(by_mode) == {"project", "diffusers", "project+system-heap", "diffusers+cl", "diffusers+keep-heap"}
+    # each mode ran in its own process under its own malloc setting (keep applies where glibc is the malloc)
+    if sys.platform.startswith("linux"):
+        assert [by_mode[m]["heap_applied"] for m in ("project", "diffusers+keep-heap")] == [True, True]
+    assert not any(by_mode[m]["heap_applied"] for m in ("diffusers", "project+system-heap", "diffusers+cl"))
+    assert doc["ratios"]["diffusers"] == 1.0 and len(doc["targets"]) == 2
+
+
 def test_bench_amp(tmp_path):
     from fedrun.precision import choose_amp, cpu_flags
 
