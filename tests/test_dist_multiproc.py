@@ -219,6 +219,9 @@ def _leave_scenario(ctx: fdist.DistContext) -> dict:
     torch.distributed.nn.functional once kept the group (and gloo's threads) alive past leave()."""
     import torchvision  # noqa: F401
 
+    # Both ranks start from one point, so rank 1 is late by its sleep alone: the scenarios before and the import
+    # above end at different times on each rank (rank 0 once arrived 0.25 s after rank 1 and waited 0.75 s).
+    torch.distributed.barrier()
     if ctx.rank == 1:
         time.sleep(1.0)
     start = time.monotonic()
